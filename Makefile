@@ -1,0 +1,31 @@
+# The two commands of the README. Both create or update .venv from the project's own files.
+PY ?= python3.11
+VENV := .venv
+PIP := $(VENV)/bin/pip
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup pretrain bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# plain pip: it takes the pinned torch/torchvision pair from the local wheel cache where one exists
+	$(PIP) install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Main job on the offline default: shapes world + committed pretrained models + the Ray
+# actor-learner system on a local cluster.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) launch.py --config configs/shapes.yaml $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) -m pytest -q $(ARGS)
+
+pretrain: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m shapes_world.pretrain --data data/shapes --out models/shapes
+
+clean:
+	rm -rf $(VENV) runs data

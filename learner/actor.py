@@ -1,0 +1,365 @@
+"""The central learner as a Ray actor: A2C updates from scored rollouts, weights published through
+the object store, evaluation and checkpoints.
+
+:class:`LearnerWorker` wraps :class:`learner.update.A2CUpdater` (the same update the
+single-process loop runs). ``update(batches)`` turns scored rollout batches (Arrow record batches
+or ``ObjectRef``\\ s of them) into one optimizer step; ``update_from_queue(queue, n)`` pops ``n``
+items from the bounded ``ray.util.queue.Queue`` between the reward actors and the learner first.
+
+After every step the learner publishes **only the trainable tensors** (Q-Former, query tokens,
+language projection, LoRA, value head; :meth:`CaptionPolicy.trainable_state_dict`) with one
+``ray.put``; ``get_weights()`` returns ``(ObjectRef, version)`` and every rollout actor reads
+that same object (numpy arrays: zero-copy from shared memory on each node).
+
+The actor runs with ``max_concurrency=2``: ``get_weights`` answers at once from the last published
+object even while an update runs (a restarted rollout actor asks for it in its constructor);
+updates, evaluation and checkpoints are serialised by a lock.
+
+Exactly-once: each consumed ``batch_id`` is remembered; a batch delivered twice is ignored and
+counted as ``duplicates``. Rows older than ``learner.max_policy_lag`` versions are dropped by the
+updater and reported as ``dropped_for_lag``.
+
+Data parallel: ``learner.data_parallel_workers > 1`` is not implemented in this actor yet and
+raises ``NotImplementedError`` (use one learner; on a GPU cluster give it ``learner.num_gpus=1``).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+import torch
+
+from vlrm.config import RunConfig
+
+__all__ = ["LearnerWorker", "LearnerActor", "learner_actor_options"]
+
+
+class _SamplerState:
+    """Stands in for the driver's sampler in :func:`vlrm.run.save_training_checkpoint`."""
+
+    def __init__(self, state: Mapping[str, Any] | None):
+        self._state = dict(state) if state is not None else None
+
+    def state_dict(self) -> dict | None:
+        return self._state
+
+
+def _words(text: str) -> int:
+    from vlrm.metrics import words
+
+    return len(words(text))
+
+
+class LearnerWorker:
+    """The learner's state (plain class; :data:`LearnerActor` is the Ray actor made from it).
+
+    Args:
+        cfg: resolved run config.
+        run_dir: the run folder (checkpoints go to ``run_dir/checkpoints``; must be reachable from
+            the learner's node: shared storage on a multi-node cluster).
+        resume_checkpoint: a ``checkpoints/step_XXXXXX`` folder to continue from (policy,
+            optimizer, RNG, step); its ``state.json`` is returned by :meth:`resume_state`.
+        publish: publish weights through the object store (needs Ray); False keeps them local.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: str | None = None, resume_checkpoint: str | None = None,
+                 publish: bool = True):
+        if int(cfg.learner.data_parallel_workers) > 1:
+            raise NotImplementedError(
+                f"learner.data_parallel_workers={cfg.learner.data_parallel_workers}: the data-parallel learner is not "
+                "implemented yet; run one learner (learner.data_parallel_workers=1) and give it a GPU with "
+                "learner.num_gpus=1")
+        from learner.update import A2CUpdater
+        from vlrm.data import ImageDataset, split_path
+        from vlrm.policy import CaptionPolicy
+
+        torch.set_num_threads(max(1, int(cfg.learner.num_cpus or 1)))
+        torch.manual_seed(int(cfg.seed))
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.device = "cuda" if cfg.learner.num_gpus and torch.cuda.is_available() else "cpu"
+        self.policy = CaptionPolicy.from_config(cfg.policy, device=self.device)
+        self.updater = A2CUpdater(self.policy, cfg.learner, temperature=cfg.rollout.temperature,
+                                  min_new_tokens=cfg.rollout.min_new_tokens)
+        self.dataset = ImageDataset.open(split_path(cfg.data.root, cfg.data.train_split))
+        self.step = 0
+        self._resume_state: dict | None = None
+        if resume_checkpoint:
+            from vlrm.run import load_training_checkpoint
+
+            self._resume_state = load_training_checkpoint(resume_checkpoint, self.policy, self.updater, sampler=None)
+            self.step = int(self._resume_state["step"])
+        self._lock = threading.Lock()
+        self._consumed_ids: set[str] = set()
+        self.totals = {"consumed": 0, "dropped_for_lag": 0, "duplicates": 0, "batches": 0, "skipped_steps": 0}
+        self._evaluator = None
+        self.pid = os.getpid()
+        self.node_id = _node_id()
+        self._publish_enabled = publish
+        self._published: tuple[Any, int, float] | None = None
+        self._metrics = _LearnerMetrics()
+        self.publish()
+
+    # ------------------------------------------------------------------ weights
+
+    def publish(self) -> tuple[Any, int]:
+        """Put the trainable tensors in the object store once; returns ``(ref, version)``."""
+        from actors.rollout import weights_to_wire
+
+        t0 = time.perf_counter()
+        wire = weights_to_wire(self.policy.trainable_state_dict())
+        if self._publish_enabled:
+            import ray
+
+            obj: Any = ray.put(wire)
+        else:
+            obj = wire
+        self._published = (obj, int(self.policy.version), time.time())
+        self._metrics.publish(time.perf_counter() - t0)
+        return obj, int(self.policy.version)
+
+    def get_weights(self) -> tuple[Any, int]:
+        """``(ObjectRef or dict, version)`` of the last published weights (trainable tensors only)."""
+        obj, version, _ = self._published  # type: ignore[misc]
+        return obj, version
+
+    def get_weights_info(self) -> tuple[Any, int, float]:
+        """``(ref, version, published_at unix time)``."""
+        return self._published  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ updates
+
+    def update(self, batches: Sequence[Any]) -> dict:
+        """One A2C step on the concatenation of ``batches`` (record batches or refs to them).
+
+        Returns stats: the updater's (loss, policy_lag_mean, ...), ``reward`` and ``r/<name>``
+        (means over the rows received), ``caption_words``, ``consumed`` / ``dropped_for_lag`` /
+        ``duplicates`` (rows) and ``batch_ids`` (consumed now), ``step`` and ``version`` after
+        the step, and ``weights``: ``(ref, version, published_at)`` when a step was taken.
+        """
+        from learner.update import unique_rows
+        from vlrm.schema import to_tensors
+
+        t_start = time.perf_counter()
+        resolved = _resolve(batches)
+        with self._lock:
+            fresh, dup_rows, ids = [], 0, []
+            for b in resolved:
+                bid = b.column("batch_id")[0].as_py() if b.num_rows else None
+                if bid is not None and (bid in self._consumed_ids or bid in ids):
+                    dup_rows += b.num_rows
+                    continue
+                fresh.append(b)
+                if bid is not None:
+                    ids.append(bid)
+            self.totals["duplicates"] += dup_rows
+            out: dict[str, Any] = {"batch_ids": ids, "duplicates": dup_rows, "rows": sum(b.num_rows for b in fresh)}
+            if not fresh or out["rows"] == 0:
+                self._consumed_ids.update(ids)
+                return out | {"consumed": 0, "dropped_for_lag": 0, "skipped": 1.0, "step": self.step,
+                              "version": int(self.policy.version), "weights": None}
+            table = pa.Table.from_batches(fresh)
+            rt = to_tensors(table, self.policy.pad_token_id)
+            rows, _ = unique_rows(rt.image_rows)
+            images, _, _ = self.dataset.images(rows)
+            pixels = self.policy.preprocess(images)
+            version_before = int(self.policy.version)
+            t0 = time.perf_counter()
+            stats = self.updater.step(pixels, rt, current_version=version_before, pixel_rows=rows)
+            update_s = time.perf_counter() - t0
+            dropped = int(stats.get("dropped", 0))
+            kept = int(stats.get("kept", rt.tokens.shape[0] - dropped))
+            skipped = bool(stats.get("skipped", 0.0))
+            self._consumed_ids.update(ids)
+            self.totals["consumed"] += kept
+            self.totals["dropped_for_lag"] += dropped
+            self.totals["batches"] += len(ids)
+            if skipped:
+                self.totals["skipped_steps"] += 1
+            else:
+                self.step += 1
+            lags = (version_before - rt.policy_versions).float()
+            texts = table.column("text").to_pylist()
+            out.update({k: v for k, v in stats.items()})
+            out.update(
+                consumed=kept, dropped_for_lag=dropped, skipped=float(skipped), step=self.step,
+                version=int(self.policy.version), update_seconds=update_s,
+                reward=float(table.column("reward").to_numpy(zero_copy_only=False).mean()),
+                caption_words=sum(_words(t) for t in texts) / max(len(texts), 1),
+                received_lag_mean=float(lags.mean()), received_lag_max=float(lags.max()),
+            )
+            for f in table.schema:
+                if f.name.startswith("r/"):
+                    out[f.name] = float(table.column(f.name).to_numpy(zero_copy_only=False).mean())
+            weights = None
+            if not skipped:
+                self.publish()
+                weights = self._published
+            out["weights"] = weights
+            out["learner_seconds"] = time.perf_counter() - t_start
+            self._metrics.update(kept, dropped, lags.tolist(), update_s, out["learner_seconds"])
+            return out
+
+    def update_from_queue(self, queue: Any, n: int = 1, timeout: float | None = None) -> dict:
+        """Pop ``n`` items from the rollout queue (each a ``[ref]`` or a record batch) and
+        :meth:`update` on them. ``timeout`` (s) per item; ``queue.Empty`` propagates."""
+        items = [queue.get(block=True, timeout=timeout) for _ in range(int(n))]
+        refs = [it[0] if isinstance(it, (list, tuple)) else it for it in items]
+        out = self.update(refs)
+        out["popped"] = len(items)
+        return out
+
+    # ------------------------------------------------------------------ evaluation, checkpoints
+
+    def evaluate(self, split: str | None = None, subset: int | None = None) -> dict:
+        """:func:`vlrm.run.evaluate_policy` on a split (``eval.split`` by default) with the
+        evaluator CLIP ``eval.evaluator_path`` and the evaluation decoding of ``cfg.eval``."""
+        from vlrm.data import split_path
+        from vlrm.evaluate import ClipEvaluator
+        from vlrm.run import evaluate_policy
+
+        e = self.cfg.eval
+        with self._lock:
+            if self._evaluator is None:
+                self._evaluator = ClipEvaluator(e.evaluator_path, device=self.device)
+            t0 = time.perf_counter()
+            out = evaluate_policy(self.policy, split_path(self.cfg.data.root, split or e.split), self._evaluator,
+                                  subset=subset, decoding=e.decoding, num_beams=e.num_beams,
+                                  no_repeat_ngram_size=e.no_repeat_ngram_size, max_new_tokens=e.max_new_tokens)
+            out["seconds"] = time.perf_counter() - t0
+            out["policy_version"] = int(self.policy.version)
+            return out
+
+    def save_checkpoint(self, sampler_state: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
+                        keep_last: int | None = None) -> str:
+        """:func:`vlrm.run.save_training_checkpoint` into ``run_dir`` at the current step."""
+        from vlrm.run import save_training_checkpoint
+
+        if self.run_dir is None:
+            raise ValueError("the learner has no run_dir: cannot save a checkpoint")
+        with self._lock:
+            extra = dict(extra or {})
+            extra.setdefault("learner_totals", dict(self.totals))
+            path = save_training_checkpoint(self.run_dir, self.policy, self.updater, _SamplerState(sampler_state),
+                                            self.step, extra=extra, keep_last=keep_last)
+            return str(path)
+
+    def export_pretrained(self, path: str) -> str:
+        """The trained policy as a Hugging Face directory (:meth:`CaptionPolicy.export_pretrained`)."""
+        with self._lock:
+            return str(self.policy.export_pretrained(path))
+
+    def resume_state(self) -> dict | None:
+        """``state.json`` of the checkpoint this learner resumed from (None for a fresh run)."""
+        return self._resume_state
+
+    def info(self) -> dict:
+        return {"role": "learner", "pid": self.pid, "node_id": self.node_id, "host": socket.gethostname(),
+                "step": self.step, "version": int(self.policy.version), "device": self.device,
+                "totals": dict(self.totals), "trainable_parameters": self.policy.num_trainable_parameters()}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.policy.trainable_state_dict()
+
+    def ping(self) -> str:
+        return "learner"
+
+
+def _resolve(batches: Sequence[Any]) -> list[pa.RecordBatch]:
+    """Record batches from a mix of batches, tables, ``(batch, meta)`` pairs and ObjectRefs."""
+    got: dict[Any, Any] = {}
+    is_ref = lambda b: False  # noqa: E731
+    try:
+        import ray
+
+        is_ref = lambda b: isinstance(b, ray.ObjectRef)  # noqa: E731
+        refs = [b for b in batches if is_ref(b)]
+        if refs:
+            got = dict(zip(refs, ray.get(refs)))
+    except ImportError:  # pragma: no cover
+        pass
+    out: list[pa.RecordBatch] = []
+    for b in batches:
+        v = got[b] if is_ref(b) else b
+        if isinstance(v, tuple):  # (batch, meta) pairs
+            v = v[0]
+        if isinstance(v, pa.Table):
+            out.extend(v.to_batches())
+        else:
+            out.append(v)
+    return out
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:
+        pass
+    return socket.gethostname()
+
+
+class _LearnerMetrics:
+    def __init__(self):
+        self.tags = {"role": "learner", "actor": "learner"}
+        self.ok = False
+        try:
+            import ray
+            from ray.util import metrics as m
+
+            if not ray.is_initialized():
+                return
+            keys = ("role", "actor")
+            self.consumed = m.Counter("vlrm_samples_consumed", "rollouts used in learner updates", tag_keys=keys)
+            self.dropped = m.Counter("vlrm_samples_dropped_for_lag", "rollouts dropped as too old", tag_keys=keys)
+            self.rate = m.Gauge("vlrm_samples_per_s", "samples/s per role and actor", tag_keys=keys)
+            self.lag = m.Histogram("vlrm_policy_lag", "policy versions between sampling and learning",
+                                   boundaries=[0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 16.5], tag_keys=keys)
+            self.update_s = m.Histogram("vlrm_update_seconds", "seconds per learner update",
+                                        boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=keys)
+            self.publish_s = m.Histogram("vlrm_weight_publish_seconds", "seconds to put weights in the object store",
+                                         boundaries=[0.001, 0.01, 0.05, 0.1, 0.5, 1, 5], tag_keys=keys)
+            self.ok = True
+        except Exception:
+            self.ok = False
+
+    def update(self, kept: int, dropped: int, lags: list[float], update_s: float, total_s: float) -> None:
+        if not self.ok:
+            return
+        self.consumed.inc(kept, tags=self.tags)
+        if dropped:
+            self.dropped.inc(dropped, tags=self.tags)
+        self.rate.set((kept + dropped) / max(total_s, 1e-9), tags=self.tags)
+        self.update_s.observe(update_s, tags=self.tags)
+        # one observation per distinct lag value is enough for a histogram of batches
+        for lag in set(lags):
+            self.lag.observe(max(float(lag), 0.0), tags=self.tags)
+
+    def publish(self, seconds: float) -> None:
+        if self.ok:
+            self.publish_s.observe(seconds, tags=self.tags)
+
+
+def learner_actor_options(cfg: RunConfig, resources: Mapping[str, float] | None = None) -> dict:
+    """``.options(...)`` of the learner: ``cfg.learner`` CPUs/GPUs, no restarts (a lost learner
+    ends the run; resume from its last checkpoint), two threads (``get_weights`` beside updates)."""
+    opts: dict[str, Any] = {"num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.learner.num_gpus,
+                            "max_restarts": 0, "max_concurrency": 2}
+    if resources:
+        opts["resources"] = dict(resources)
+    return opts
+
+
+try:
+    import ray as _ray
+
+    LearnerActor = _ray.remote(LearnerWorker)
+except ImportError:  # pragma: no cover
+    LearnerActor = None  # type: ignore[assignment]

@@ -1,0 +1,287 @@
+"""One learner update: scored rollouts in, new policy weights out.
+
+:class:`A2CUpdater` owns the optimizer of a :class:`vlrm.policy.CaptionPolicy` and turns one
+batch of scored rollouts (:class:`vlrm.schema.RolloutTensors`) into one optimizer step:
+
+1. **lag filter** -- rollouts sampled more than ``max_policy_lag`` versions ago are dropped and
+   counted (``dropped``); a batch with nothing left is skipped (no step, no version bump);
+2. **teacher-forced forward** -- ``policy.forward_logprobs`` gives the current log-probs, the
+   value head's per-token values and (when ``entropy_coef > 0``) the entropies;
+3. **returns** -- the caption reward sits on the caption's last token and is discounted
+   backwards with ``gamma`` (:func:`learner.algorithms.token_returns`);
+4. **baseline** -- ``"value"``: A2C, advantage = return - value, value head trained with MSE;
+   ``"rloo"``: per-caption leave-one-out mean over the other samples of the same image (no
+   value loss; the value head is left alone);
+5. **off-policy correction** -- ``"none"``; ``"truncated_is"``: per-token weights
+   ``min(is_clip, pi/mu)`` on the policy gradient; ``"vtrace"``: V-trace value targets and
+   advantages (with the RLOO baseline there is no value function to trace, so V-trace reduces to
+   the truncated per-token weights on the policy gradient);
+6. **optimizer step** -- backward, global grad-norm clip (``grad_clip``; 0 disables), AdamW step
+   (the value head has its own learning rate, ``value_lr``), ``policy.version += 1``.
+
+No I/O happens here: the single-process loop and the Ray learner call the same ``step``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from learner.algorithms import (
+    a2c_losses,
+    baseline_losses,
+    lag_filter,
+    masked_mean,
+    masked_var,
+    rloo_baseline,
+    terminal_rewards_to_tokens,
+    token_returns,
+    truncated_importance_weights,
+    vtrace_targets,
+)
+from vlrm.config import LearnerConfig
+from vlrm.schema import RolloutTensors
+
+__all__ = ["A2CUpdater", "unique_rows", "select_rollouts", "group_loo_advantages"]
+
+
+def unique_rows(image_rows: Tensor | Sequence[int]) -> tuple[list[int], Tensor]:
+    """``(rows, index)``: the distinct dataset rows in order of first appearance, and ``[B]``
+    long with ``rows[index[i]] == image_rows[i]``. The pixel values given to
+    :meth:`A2CUpdater.step` follow ``rows`` unless ``pixel_rows`` says otherwise."""
+    rows: list[int] = []
+    pos: dict[int, int] = {}
+    index = []
+    for r in torch.as_tensor(image_rows).reshape(-1).tolist():
+        j = pos.get(int(r))
+        if j is None:
+            j = pos[int(r)] = len(rows)
+            rows.append(int(r))
+        index.append(j)
+    return rows, torch.tensor(index, dtype=torch.long)
+
+
+def select_rollouts(rt: RolloutTensors, keep: Tensor) -> RolloutTensors:
+    """The rows of ``rt`` where ``keep`` ([B] bool) is True, padding trimmed to the longest kept row."""
+    keep = keep.to(torch.bool).cpu()
+    mask = rt.mask[keep]
+    width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+    return RolloutTensors(
+        image_rows=rt.image_rows[keep], tokens=rt.tokens[keep][:, :width], mask=mask[:, :width],
+        behaviour_logprobs=rt.behaviour_logprobs[keep][:, :width], rewards=rt.rewards[keep],
+        policy_versions=rt.policy_versions[keep])
+
+
+def group_loo_advantages(rewards: Tensor, groups: Tensor) -> Tensor:
+    """Leave-one-out advantages ``r_i - mean_{j != i, same group} r_j`` for arbitrary groups.
+
+    ``rewards`` ``[B]`` float, ``groups`` ``[B]`` long (captions of the same image and policy
+    version share a group). A caption alone in its group has no leave-one-out baseline and gets
+    ``r_i - mean(all other rewards of the batch)`` instead (0 if the batch has one caption).
+    Equals :func:`learner.algorithms.rloo_baseline` when every group has the same size k.
+    """
+    _, g = torch.unique(groups, return_inverse=True)
+    n_groups = int(g.max()) + 1 if g.numel() else 0
+    sums = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, g, rewards)
+    counts = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, g, torch.ones_like(rewards))
+    n = counts[g]
+    loo = (sums[g] - rewards) / (n - 1).clamp(min=1)
+    b = rewards.numel()
+    batch_loo = (rewards.sum() - rewards) / max(b - 1, 1)
+    return torch.where(n > 1, rewards - loo, rewards - batch_loo if b > 1 else torch.zeros_like(rewards))
+
+
+class A2CUpdater:
+    """Optimizer + one-step update of a :class:`~vlrm.policy.CaptionPolicy` (see the module docstring).
+
+    Args:
+        policy: the policy being trained (its ``requires_grad`` parameters are optimised).
+        cfg: :class:`~vlrm.config.LearnerConfig` (lr, value_lr, weight_decay, grad_clip, gamma,
+            value_coef, entropy_coef, normalize_advantages, baseline, off_policy, is_clip,
+            max_policy_lag).
+        temperature, min_new_tokens: the sampling settings of the rollouts, so that the
+            teacher-forced log-probs are those of the distribution that sampled (importance
+            ratios are exactly 1 on-policy).
+    """
+
+    def __init__(self, policy: Any, cfg: LearnerConfig, *, temperature: float = 1.0, min_new_tokens: int = 0):
+        self.policy = policy
+        self.cfg = cfg
+        self.temperature = float(temperature)
+        self.min_new_tokens = int(min_new_tokens)
+        value_ids = {id(p) for p in policy.value_head.parameters()}
+        named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        policy_params = [p for p in self.params if id(p) not in value_ids]
+        value_params = [p for p in self.params if id(p) in value_ids]
+        value_lr = cfg.value_lr if cfg.value_lr is not None else cfg.lr
+        groups = []
+        if policy_params:
+            groups.append({"params": policy_params, "lr": cfg.lr, "name": "policy"})
+        if value_params:
+            groups.append({"params": value_params, "lr": value_lr, "name": "value"})
+        if not groups:
+            raise ValueError("the policy has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.num_updates = 0
+        self.total_dropped = 0
+        self.total_consumed = 0
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state and counters: tensors and plain Python values only, so that
+        ``torch.load(..., weights_only=True)`` reads it back."""
+        return {"optimizer": self.optimizer.state_dict(), "num_updates": int(self.num_updates),
+                "total_dropped": int(self.total_dropped), "total_consumed": int(self.total_consumed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.num_updates = int(state.get("num_updates", 0))
+        self.total_dropped = int(state.get("total_dropped", 0))
+        self.total_consumed = int(state.get("total_consumed", 0))
+
+    # ------------------------------------------------------------------ update
+
+    def step(self, pixel_values: Tensor, rollout: RolloutTensors, current_version: int | None = None, *,
+             pixel_rows: Sequence[int] | None = None) -> dict[str, float]:
+        """One update from scored rollouts. Returns logging stats (floats).
+
+        Args:
+            pixel_values: ``[N, 3, S, S]`` the images of the rollouts, each once.
+            rollout: ``B`` scored rollouts (:func:`vlrm.schema.to_tensors`).
+            current_version: the learner's policy version for the lag filter; default
+                ``policy.version``.
+            pixel_rows: the dataset row of each of the ``N`` images; default: the distinct
+                ``rollout.image_rows`` in order of first appearance (:func:`unique_rows`).
+
+        Stats: ``loss``, ``policy_loss``, ``value_loss``, ``entropy`` (0 unless computed),
+        ``neg_logprob`` (an entropy estimate that is always available), ``grad_norm`` (before
+        clipping), ``explained_variance``, ``advantage_mean/std``, ``value_mean``,
+        ``return_mean``, ``reward_mean``, ``is_ratio_mean`` (raw pi/mu), ``is_weight_mean``
+        (the weights applied; 1 without correction), ``is_clipped_frac``, ``kept``, ``dropped``,
+        ``policy_lag_mean/max`` (of kept rollouts), ``tokens``, ``skipped`` (1 if everything was
+        dropped), ``version`` (after the update).
+        """
+        cfg, policy = self.cfg, self.policy
+        version = int(policy.version if current_version is None else current_version)
+        b = int(rollout.tokens.shape[0])
+        keep = lag_filter(rollout.policy_versions.cpu(), version, cfg.max_policy_lag)
+        dropped = int((~keep).sum())
+        self.total_dropped += dropped
+        if pixel_rows is None:
+            pixel_rows, _ = unique_rows(rollout.image_rows)
+        pixel_rows = [int(r) for r in pixel_rows]
+        if len(pixel_rows) != int(pixel_values.shape[0]):
+            raise ValueError(f"{pixel_values.shape[0]} images but {len(pixel_rows)} pixel_rows")
+        base = {"dropped": float(dropped), "kept": float(b - dropped), "rollouts": float(b)}
+        if dropped == b:
+            return base | {"skipped": 1.0, "version": float(policy.version)}
+        rt = select_rollouts(rollout, keep) if dropped else rollout
+        self.total_consumed += int(rt.tokens.shape[0])
+
+        # Map each rollout to its image; run the vision tower only on images still in use.
+        where = {r: i for i, r in enumerate(pixel_rows)}
+        try:
+            img_of = torch.tensor([where[int(r)] for r in rt.image_rows.tolist()], dtype=torch.long)
+        except KeyError as e:
+            raise ValueError(f"rollout image row {e.args[0]} is not among pixel_rows") from None
+        used, image_index = torch.unique(img_of, return_inverse=True)
+        pixels = pixel_values if used.numel() == pixel_values.shape[0] else pixel_values[used.to(pixel_values.device)]
+
+        dev = policy.device
+        tokens, mask = rt.tokens.to(dev), rt.mask.to(dev)
+        blp = rt.behaviour_logprobs.to(dev, torch.float32)
+        rewards = rt.rewards.to(dev, torch.float32)
+
+        policy.train()
+        fwd = policy.forward_logprobs(pixels, tokens, mask, image_index.to(dev), temperature=self.temperature,
+                                      min_new_tokens=self.min_new_tokens,
+                                      compute_entropy=cfg.entropy_coef > 0)
+        logprobs, values = fwd.logprobs, fwd.values
+        entropy = fwd.entropy if cfg.entropy_coef > 0 else None
+
+        with torch.no_grad():
+            log_ratio = (logprobs - blp).detach()
+            ratio = torch.exp(log_ratio.clamp(max=50.0))
+            rho = truncated_importance_weights(logprobs, blp, mask, clip=cfg.is_clip)
+            # a tolerance, so that on-policy ratios of 1 + rounding error do not count as clipped
+            clipped_frac = masked_mean((ratio > cfg.is_clip * (1 + 1e-4)).float(), mask)
+        seq_returns_tok = token_returns(terminal_rewards_to_tokens(rewards, mask), mask, cfg.gamma)
+
+        value_loss_override = None
+        if cfg.baseline == "value":
+            if cfg.off_policy == "vtrace":
+                vs, pg_adv = vtrace_targets(logprobs, blp, terminal_rewards_to_tokens(rewards, mask), values, mask,
+                                            gamma=cfg.gamma, rho_clip=cfg.is_clip, c_clip=cfg.is_clip)
+                out = baseline_losses(logprobs, pg_adv, mask, entropy=entropy, entropy_coef=cfg.entropy_coef,
+                                      normalize_advantages=cfg.normalize_advantages)
+                value_loss = masked_mean((values - vs) ** 2, mask)
+                value_loss_override = (value_loss, vs)
+                loss = out.loss + cfg.value_coef * value_loss
+                weights_used = rho
+            else:
+                iw = rho if cfg.off_policy == "truncated_is" else None
+                out = a2c_losses(logprobs, values, seq_returns_tok, mask, value_coef=cfg.value_coef, entropy=entropy,
+                                 entropy_coef=cfg.entropy_coef, normalize_advantages=cfg.normalize_advantages,
+                                 importance_weights=iw)
+                loss = out.loss
+                weights_used = iw
+        else:  # rloo
+            adv_seq = self._rloo(rewards, rt)
+            # gamma < 1: the caption's advantage is discounted back from its last token like the return.
+            adv = token_returns(terminal_rewards_to_tokens(adv_seq, mask), mask, cfg.gamma)
+            iw = rho if cfg.off_policy in ("truncated_is", "vtrace") else None
+            out = baseline_losses(logprobs, adv, mask, entropy=entropy, entropy_coef=cfg.entropy_coef,
+                                  normalize_advantages=cfg.normalize_advantages, importance_weights=iw)
+            loss = out.loss
+            weights_used = iw
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        policy.version += 1
+        self.num_updates += 1
+
+        stats = out.stats()
+        stats["loss"] = float(loss.detach())
+        if value_loss_override is not None:
+            value_loss, vs = value_loss_override
+            with torch.no_grad():
+                var_t = masked_var(vs, mask)
+                ev = 1 - masked_var(vs - values.detach(), mask) / var_t.clamp(min=1e-12)
+            stats.update(value_loss=float(value_loss.detach()), return_mean=float(masked_mean(vs, mask)),
+                         value_mean=float(masked_mean(values.detach(), mask)),
+                         explained_variance=float(ev) if float(var_t) > 0 else math.nan)
+        lags = (version - rt.policy_versions).float()
+        with torch.no_grad():
+            stats.update(
+                neg_logprob=float(-masked_mean(logprobs.detach(), mask)),
+                grad_norm=float(grad_norm),
+                reward_mean=float(rewards.mean()),
+                is_ratio_mean=float(masked_mean(ratio, mask)),
+                is_weight_mean=float(masked_mean(weights_used, mask)) if weights_used is not None else 1.0,
+                is_clipped_frac=float(clipped_frac),
+                policy_lag_mean=float(lags.mean()),
+                policy_lag_max=float(lags.max()),
+                tokens=float(mask.sum()),
+                skipped=0.0,
+                version=float(policy.version),
+            )
+        return base | stats
+
+    def _rloo(self, rewards: Tensor, rt: RolloutTensors) -> Tensor:
+        """Per-caption leave-one-out advantages; :func:`rloo_baseline` when the batch is the
+        sampler's layout (consecutive groups of k captions of one image and version)."""
+        keys = torch.stack([rt.image_rows, rt.policy_versions], dim=1).to(rewards.device)
+        _, groups = torch.unique(keys, dim=0, return_inverse=True)
+        _, counts = torch.unique_consecutive(groups, return_counts=True)
+        k = int(counts[0])
+        if k >= 2 and bool((counts == k).all()) and counts.numel() == int(groups.max()) + 1:
+            return rloo_baseline(rewards, k)
+        return group_loo_advantages(rewards, groups)

@@ -1,0 +1,121 @@
+"""Rebuild the four shapes-world models and their baseline metrics.
+
+    python -m shapes_world.pretrain --data data/shapes --out models/shapes
+
+Each model comes from a fixed seed; the run takes about 20 minutes on 2 CPU cores and writes
+``<out>/metrics.json``, which the committed models' numbers in BENCHMARKS.md come from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from shapes_world.dataset import ensure_world
+from shapes_world.pretrain.blip2_io import save_blip2
+from shapes_world.pretrain.common import load_split
+from shapes_world.tokenizer import build_tokenizer
+
+STEPS = {"reward_clip": 600, "eval_clip": 500, "itm": 350, "lm": 300, "captioner": 600}
+SEEDS = {"reward_clip": 11, "eval_clip": 22, "itm": 33, "captioner": 44}
+
+
+def clip_alt_text_metrics(model, test) -> dict:
+    import open_clip
+
+    from shapes_world.pretrain.clip import encode_images, encode_texts
+    from vlrm.metrics import retrieval_recall
+
+    tok = open_clip.get_tokenizer("ViT-B-32", context_length=model.context_length)
+    txt = encode_texts(model, tok, [a[0] for a in test.alt_texts])
+    img = encode_images(model, test.images)
+    t2i = retrieval_recall(txt @ img.t(), torch.arange(len(img)))
+    i2t = retrieval_recall(img @ txt.t(), torch.arange(len(img)))
+    return {"text_to_image_r@1": t2i[1], "text_to_image_r@5": t2i[5], "image_to_text_r@1": i2t[1]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/shapes")
+    p.add_argument("--out", default="models/shapes")
+    p.add_argument("--seed", type=int, default=0, help="world seed")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every step count (e.g. 0.01 for a smoke run)")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training scenes")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    steps = {k: max(2, int(v * a.scale)) for k, v in STEPS.items()}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    # An existing world is used as it is (whatever its sizes); otherwise the default one is made.
+    root = Path(a.data) if (Path(a.data) / "meta.json").exists() else ensure_world(a.data, seed=a.seed)
+    train = load_split(root / "train.parquet", limit=a.train_limit)
+    test = load_split(root / "test.parquet")
+    tokenizer = build_tokenizer()
+    metrics: dict = {"steps": steps, "seeds": SEEDS, "world_seed": a.seed, "num_train": len(train.images)}
+    timings: dict = {}
+
+    from shapes_world.pretrain.clip import CLIP_CONFIGS, save_clip, train_clip
+
+    half = len(train.images) // 2
+    for name, cfg_name, rows in (("reward_clip", "reward", slice(0, half)), ("eval_clip", "evaluator", slice(half, None))):
+        t0 = time.time()
+        subset = type(train)(train.images[rows], train.captions[rows], train.alt_texts[rows], train.scenes[rows])
+        model = train_clip(subset, CLIP_CONFIGS[cfg_name], seed=SEEDS[name], steps=steps[name], name=name)
+        save_clip(model, CLIP_CONFIGS[cfg_name], out / name,
+                  extra={"trained_on": f"train scenes [{rows.start}, {rows.stop or len(train.images)})"})
+        metrics[name] = clip_alt_text_metrics(model, test)
+        timings[name] = time.time() - t0
+        print(name, metrics[name], flush=True)
+
+    from shapes_world.pretrain.itm import itm_rank_accuracy, train_itm
+
+    t0 = time.time()
+    itm = train_itm(train, tokenizer, seed=SEEDS["itm"], steps=steps["itm"])
+    save_blip2(itm, tokenizer, out / "reward_itm")
+    metrics["reward_itm"] = itm_rank_accuracy(itm, tokenizer, test.images, [a[0] for a in test.alt_texts])
+    timings["reward_itm"] = time.time() - t0
+    print("reward_itm", metrics["reward_itm"], flush=True)
+
+    from shapes_world.pretrain.captioner import train_captioner
+
+    t0 = time.time()
+    captioner = train_captioner(train, tokenizer, itm, seed=SEEDS["captioner"], lm_steps=steps["lm"], steps=steps["captioner"])
+    save_blip2(captioner, tokenizer, out / "captioner")
+    timings["captioner"] = time.time() - t0
+
+    metrics["captioner_greedy_test"] = evaluate_saved_captioner(out / "captioner", out / "eval_clip", root / "test.parquet")
+    print("captioner", metrics["captioner_greedy_test"], flush=True)
+    metrics["seconds"] = timings | {"total": time.time() - t_start}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"wrote {out / 'metrics.json'} in {time.time() - t_start:.0f}s")
+
+
+def evaluate_saved_captioner(captioner_dir: Path, evaluator_dir: Path, split: Path, max_new_tokens: int = 40) -> dict:
+    """Greedy captions of a saved captioner on a split, scored by the evaluator CLIP."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from vlrm.data import ImageDataset
+    from vlrm.evaluate import ClipEvaluator, evaluate_captions
+
+    model = Blip2ForConditionalGeneration.from_pretrained(str(captioner_dir)).eval()
+    processor = Blip2Processor.from_pretrained(str(captioner_dir))
+    ds = ImageDataset.open(split)
+    images, _, _ = ds.images(list(range(len(ds))))
+    captions = []
+    with torch.no_grad():
+        for i in range(0, len(images), 200):
+            pix = processor.image_processor(images[i:i + 200], return_tensors="pt").pixel_values
+            ids = model.generate(pixel_values=pix, max_new_tokens=max_new_tokens, do_sample=False)
+            captions += [c.strip() for c in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    result = evaluate_captions(captions, images, ClipEvaluator(str(evaluator_dir)), ds.scenes())
+    result["examples"] = captions[:8]
+    return result
+
+
+if __name__ == "__main__":
+    main()

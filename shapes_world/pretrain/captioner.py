@@ -1,0 +1,112 @@
+"""The captioner: a tiny ``Blip2ForConditionalGeneration`` trained the way BLIP-2 was.
+
+1. The OPT language model is pretrained as a plain LM on all the world's text (human captions and
+   alt-text), as real OPT knows English beyond COCO.
+2. BLIP-2 stage 2: vision tower and Q-Former start from the stage-1 ITM model; vision tower and LM
+   stay frozen; Q-Former, query tokens and language projection learn by MLE on the *human
+   captions only*. The captioner therefore sees rich image features and has an LM able to say
+   everything, but has learned to write short, biased captions: the gap RL closes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, OPTForCausalLM, PreTrainedTokenizerBase
+
+from shapes_world.models import captioner_config
+from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, normalize, seed_everything
+
+
+def caption_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, L] ids ``</s> text </s>`` (BOS, text, EOS) right-padded, and labels (-100 at BOS and pads)."""
+    enc = tokenizer(texts, padding=False)
+    seqs = [ids + [tokenizer.eos_token_id] for ids in enc.input_ids]
+    length = max(map(len, seqs))
+    ids = torch.full((len(seqs), length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), length), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, 1: len(s)] = torch.tensor(s[1:])
+    return ids, labels
+
+
+def _batch(ids: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor):
+    ids, labels = ids[rows], labels[rows]
+    last = int((labels != -100).any(0).nonzero().max()) + 1  # trim columns that are padding everywhere
+    return ids[:, :last], labels[:, :last]
+
+
+def pretrain_lm(texts: list[str], tokenizer, config, *, seed: int, steps: int, batch_size: int = 256, lr: float = 2e-3) -> OPTForCausalLM:
+    gen = seed_everything(seed)
+    lm = OPTForCausalLM(config.text_config)
+    ids_all, labels_all = caption_ids(tokenizer, texts)
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
+    progress = Progress("lm", steps)
+    lm.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, 50)
+        ids, labels = _batch(ids_all, labels_all, torch.randint(0, len(texts), (batch_size,), generator=gen))
+        loss = lm(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress(step, loss=loss.item())
+    lm.eval()
+    return lm
+
+
+def caption_loss(model: Blip2ForConditionalGeneration, img_embeds: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
+                 pad_id: int) -> torch.Tensor:
+    """MLE loss of captions given precomputed vision-tower outputs (the vision tower is frozen)."""
+    q = model.query_tokens.expand(img_embeds.shape[0], -1, -1)
+    query = model.qformer(query_embeds=q, encoder_hidden_states=img_embeds,
+                          encoder_attention_mask=torch.ones(img_embeds.shape[:2], dtype=torch.long)).last_hidden_state
+    prefix = model.language_projection(query)
+    embeds = torch.cat([prefix, model.get_input_embeddings()(ids)], dim=1)
+    mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), (ids != pad_id).long()], dim=1)
+    logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, prefix.shape[1] - 1: -1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def vision_embeds(vision_model, images_u8: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    return torch.cat([vision_model(pixel_values=normalize(images_u8[i:i + batch])).last_hidden_state
+                      for i in range(0, len(images_u8), batch)])
+
+
+def train_captioner(train: SplitTensors, tokenizer, itm: Blip2ForImageTextRetrieval, *, seed: int, lm_steps: int,
+                    steps: int, batch_size: int = 128, lr: float = 1e-3, train_lm: bool = False) -> Blip2ForConditionalGeneration:
+    config = captioner_config(tokenizer, image_size=train.images.shape[-1])
+    texts = [t for caps in train.captions for t in caps] + [t for alts in train.alt_texts for t in alts]
+    lm = pretrain_lm(texts, tokenizer, config, seed=seed, steps=lm_steps)
+    gen = seed_everything(seed + 1)
+    model = Blip2ForConditionalGeneration(config)
+    model.vision_model.load_state_dict(itm.vision_model.state_dict())
+    model.qformer.load_state_dict(itm.qformer.state_dict(), strict=False)  # ITM's text-only layers are unused here
+    model.query_tokens.data.copy_(itm.query_tokens.data)
+    model.language_model.load_state_dict(lm.state_dict())
+    for module in (model.vision_model,) + (() if train_lm else (model.language_model,)):
+        module.requires_grad_(False)
+    embeds = vision_embeds(model.vision_model, train.images)  # frozen: computed once
+    n, k = len(train.captions), len(train.captions[0])
+    ids_all, labels_all = caption_ids(tokenizer, [c for caps in train.captions for c in caps])
+    ids_all, labels_all = ids_all.view(n, k, -1), labels_all.view(n, k, -1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    progress = Progress("captioner", steps)
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, 50)
+        rows = torch.randint(0, n, (batch_size,), generator=gen)
+        which = torch.randint(0, k, (batch_size,), generator=gen)
+        ids, labels = _batch(ids_all[rows, which], labels_all[rows, which], torch.arange(batch_size))
+        loss = caption_loss(model, embeds[rows], ids, labels, tokenizer.pad_token_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        progress(step, loss=loss.item())
+    model.eval()
+    return model

@@ -1,0 +1,99 @@
+"""Contrastive pretraining of a tiny open_clip CLIP on images and alt-text.
+
+The model is an ordinary open_clip CLIP built from a custom model config, tokenised with
+open_clip's own tokenizer, and saved in open_clip's local-dir layout
+(``open_clip_config.json`` + ``open_clip_model.safetensors``), so it loads with
+``open_clip.create_model("local-dir:<path>")`` exactly like a hub model.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from shapes_world.pretrain.common import IMAGE_MEAN, IMAGE_STD, Progress, SplitTensors, cosine_lr, normalize, seed_everything
+
+# Two configs: the reward CLIP and a differently shaped evaluator, so that evaluation is not
+# done by the model the policy was optimised against.
+CLIP_CONFIGS = {
+    "reward": {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 16, "head_width": 32},
+        "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 96, "heads": 4, "layers": 3},
+    },
+    "evaluator": {
+        "embed_dim": 96,
+        "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 96, "heads": 3, "layers": 3},
+    },
+}
+
+
+def build_clip(model_cfg: dict) -> open_clip.CLIP:
+    return open_clip.CLIP(**model_cfg)
+
+
+def save_clip(model: open_clip.CLIP, model_cfg: dict, out: str | Path, extra: dict | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {"size": model_cfg["vision_cfg"]["image_size"], "mean": list(IMAGE_MEAN), "std": list(IMAGE_STD),
+                           "interpolation": "bicubic", "resize_mode": "shortest"},
+        **(extra or {}),
+    }
+    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    # fp16 on disk keeps the committed models small (the 49k-token embedding dominates).
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "open_clip_model.safetensors"))
+    return out
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts: list[str], batch: int = 500) -> torch.Tensor:
+    feats = [model.encode_text(tokenizer(texts[i:i + batch]), normalize=True) for i in range(0, len(texts), batch)]
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def encode_images(model, images_u8: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    feats = [model.encode_image(normalize(images_u8[i:i + batch]), normalize=True) for i in range(0, len(images_u8), batch)]
+    return torch.cat(feats)
+
+
+def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, batch_size: int = 256,
+               lr: float = 1e-3, warmup: int = 100, name: str = "clip") -> open_clip.CLIP:
+    gen = seed_everything(seed)
+    model = build_clip(model_cfg)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_cfg["text_cfg"]["context_length"])
+    # Tokenise every alt-text once; a step then just indexes.
+    n, k = len(train.alt_texts), len(train.alt_texts[0])
+    tokens = tokenizer([t for alts in train.alt_texts for t in alts]).view(n, k, -1)
+    decay = [p for n_, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n_]
+    no_decay = [p for n_, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n_)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    progress = Progress(name, steps)
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, warmup)
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        alt = torch.randint(0, k, (batch_size,), generator=gen)
+        img = model.encode_image(normalize(train.images[idx]), normalize=True)
+        txt = model.encode_text(tokens[idx, alt], normalize=True)
+        logits = model.logit_scale.exp() * img @ txt.t()
+        labels = torch.arange(batch_size)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)  # ln(100), as in CLIP
+        progress(step, loss=loss.item(), scale=model.logit_scale.exp().item())
+    model.eval()
+    return model

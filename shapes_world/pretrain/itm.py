@@ -1,0 +1,130 @@
+"""BLIP-2 stage 1 on the shapes world: a ``Blip2ForImageTextRetrieval`` trained with image-text
+contrast (ITC) and image-text matching (ITM) on images and alt-text, ITM negatives mined in the
+batch by ITC similarity (BLIP-2's recipe). Its vision tower and Q-Former then initialise the
+captioner, as BLIP-2's stage 2 starts from stage 1."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import Blip2ForImageTextRetrieval, PreTrainedTokenizerBase
+
+from shapes_world.models import itm_config
+from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, normalize, seed_everything
+
+ITC_TEMPERATURE = 0.07
+
+
+def init_query_tokens(model) -> None:
+    """transformers leaves query tokens at zero; identical queries never become different, so
+    initialise them as BLIP-2 does (normal, std 0.02)."""
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, model.config.initializer_range)
+
+
+def tokenize_all(tokenizer: PreTrainedTokenizerBase, texts: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, k, L] ids and mask, padded to the longest text."""
+    n, k = len(texts), len(texts[0])
+    enc = tokenizer([t for group in texts for t in group], padding=True, return_tensors="pt")
+    return enc.input_ids.view(n, k, -1), enc.attention_mask.view(n, k, -1)
+
+
+def image_embeds(model: Blip2ForImageTextRetrieval, pixel_values: torch.Tensor) -> torch.Tensor:
+    return model.vision_model(pixel_values=pixel_values).last_hidden_state
+
+
+def itc_image_feats(model, img_embeds: torch.Tensor) -> torch.Tensor:
+    """[B, Q, D] normalised query features."""
+    q = model.query_tokens.expand(img_embeds.shape[0], -1, -1)
+    out = model.qformer(query_embeds=q, encoder_hidden_states=img_embeds,
+                        encoder_attention_mask=torch.ones(img_embeds.shape[:2], dtype=torch.long)).last_hidden_state
+    return F.normalize(model.vision_projection(out), dim=-1)
+
+
+def itc_text_feats(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, D] normalised features of the first ([CLS]-like) token."""
+    out = model.qformer(query_embeds=model.embeddings(input_ids=ids), query_length=0, attention_mask=mask).last_hidden_state
+    return F.normalize(model.text_projection(out[:, 0]), dim=-1)
+
+
+def itm_logits(model, img_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, 2] ITM logits for pairs (img_embeds[i], ids[i]); mirrors the HF forward."""
+    q = model.query_tokens.expand(img_embeds.shape[0], -1, -1)
+    emb = model.embeddings(input_ids=ids, query_embeds=q)
+    att = torch.cat([torch.ones(q.shape[:2], dtype=mask.dtype), mask], dim=1)
+    out = model.qformer(query_embeds=emb, query_length=q.shape[1], attention_mask=att, encoder_hidden_states=img_embeds,
+                        encoder_attention_mask=torch.ones(img_embeds.shape[:2], dtype=torch.long)).last_hidden_state
+    return model.itm_head(out[:, : q.shape[1]]).mean(dim=1)
+
+
+def _sample_negatives(weights: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    weights = weights.clone()
+    weights.fill_diagonal_(0)
+    return torch.multinomial(weights + 1e-8, 1, generator=gen).squeeze(1)
+
+
+def train_itm(train: SplitTensors, tokenizer: PreTrainedTokenizerBase, *, seed: int, steps: int, batch_size: int = 96,
+              lr: float = 5e-4, warmup: int = 100) -> Blip2ForImageTextRetrieval:
+    gen = seed_everything(seed)
+    model = Blip2ForImageTextRetrieval(itm_config(tokenizer, image_size=train.images.shape[-1]))
+    init_query_tokens(model)
+    ids_all, mask_all = tokenize_all(tokenizer, train.alt_texts)
+    n, k = ids_all.shape[:2]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    progress = Progress("itm", steps)
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, warmup)
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        alt = torch.randint(0, k, (batch_size,), generator=gen)
+        ids, mask = ids_all[idx, alt], mask_all[idx, alt]
+        keep = mask.sum(0) > 0
+        ids, mask = ids[:, keep], mask[:, keep]
+        emb = image_embeds(model, normalize(train.images[idx]))
+        img_f, txt_f = itc_image_feats(model, emb), itc_text_feats(model, ids, mask)
+        sim = torch.einsum("iqd,td->itq", img_f, txt_f).max(-1).values / ITC_TEMPERATURE  # [B, B]
+        labels = torch.arange(batch_size)
+        loss_itc = (F.cross_entropy(sim, labels) + F.cross_entropy(sim.t(), labels)) / 2
+        with torch.no_grad():
+            neg_txt = _sample_negatives(sim.softmax(1), gen)
+            neg_img = _sample_negatives(sim.t().softmax(1), gen)
+        pair_img = torch.cat([emb, emb, emb[neg_img]])
+        pair_ids = torch.cat([ids, ids[neg_txt], ids])
+        pair_mask = torch.cat([mask, mask[neg_txt], mask])
+        logits = itm_logits(model, pair_img, pair_ids, pair_mask)
+        itm_labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size)]).long()
+        loss_itm = F.cross_entropy(logits, itm_labels)
+        loss = loss_itc + loss_itm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        progress(step, itc=loss_itc.item(), itm=loss_itm.item())
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def itm_rank_accuracy(model, tokenizer, images_u8: torch.Tensor, texts: list[str], shortlist: int = 16,
+                      batch: int = 250) -> dict[str, float]:
+    """Image -> text ranking among all ``texts`` (texts[i] belongs to image i): ITC ranks every
+    text, ITM re-ranks the ITC top ``shortlist`` (BLIP-2's retrieval protocol). Returns the share
+    of images whose own text ranks first, by ITC and by ITM."""
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    embs, img_fs = [], []
+    for i in range(0, len(images_u8), batch):
+        e = image_embeds(model, normalize(images_u8[i:i + batch]))
+        embs.append(e)
+        img_fs.append(itc_image_feats(model, e))
+    emb, img_f = torch.cat(embs), torch.cat(img_fs)
+    txt_f = torch.cat([itc_text_feats(model, enc.input_ids[i:i + batch], enc.attention_mask[i:i + batch])
+                       for i in range(0, len(texts), batch)])
+    sim = torch.einsum("iqd,td->itq", img_f, txt_f).max(-1).values
+    itc_top1 = (sim.argmax(1) == torch.arange(len(texts))).float().mean().item()
+    top = sim.topk(shortlist, dim=1).indices  # [N, s]
+    hits = 0
+    for i in range(len(texts)):
+        cand = top[i]
+        logits = itm_logits(model, emb[i:i + 1].expand(shortlist, -1, -1), enc.input_ids[cand], enc.attention_mask[cand])[:, 1]
+        hits += int(cand[logits.argmax()] == i)
+    return {"itc_top1": itc_top1, "itm_top1": hits / len(texts)}

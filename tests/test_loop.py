@@ -1,0 +1,298 @@
+"""The single-process loop, the run machinery and the A2C updater, on tiny random models.
+
+Runs are a few steps of 2 images x 2 captions of <= 6 tokens; the whole file stays well under a
+minute and a half on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from learner.loop import run_local
+from learner.update import A2CUpdater, group_loo_advantages, unique_rows
+from learner.algorithms import rloo_baseline
+from vlrm.config import LearnerConfig, PolicyConfig, from_dict, load_config
+from vlrm.policy import CaptionPolicy
+from vlrm.run import (
+    MetricsLogger,
+    latest_checkpoint,
+    load_training_checkpoint,
+    read_metrics,
+    resolve_resume,
+    save_training_checkpoint,
+)
+from vlrm.sampler import ImageSampler
+from vlrm.schema import make_rollout_batch, to_tensors, with_rewards
+
+
+def _cfg(world, captioner, clip, out, name, steps, **over):
+    d = {
+        "seed": 0, "mode": "local", "output_dir": str(out), "run_name": name, "total_steps": steps,
+        "data": {"root": str(world), "num_train": 64, "num_val": 32, "num_test": 32, "seed": 0, "image_size": 64},
+        "policy": {"model_path": str(captioner), "value_head_hidden": 16},
+        "rollout": {"images_per_batch": 2, "samples_per_image": 2, "max_new_tokens": 6},
+        "reward": {"clip_path": str(clip), "weights": {"clip": 1.0, "itm": 0.0, "ref": 0.0, "bad": 1.0, "repeat": 1.0,
+                                                        "length": 0.0}},
+        "learner": {"lr": 1e-3, "checkpoint_every": 2, "grad_clip": 1.0},
+        "eval": {"evaluator_path": str(clip), "val_every": 2, "val_subset": 8, "gallery_size": 8, "max_new_tokens": 6},
+    }
+    for k, v in over.items():
+        sec, key = k.split("__")
+        d[sec][key] = v
+    return from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_world, tiny_captioner_dir, tiny_clip_dir):
+    return tiny_world, tiny_captioner_dir, tiny_clip_dir
+
+
+def _trainable(run):
+    ckpt = latest_checkpoint(run)
+    out = {}
+    for f in ("trainable.safetensors", "value_head.safetensors", "adapter/adapter_model.safetensors"):
+        out |= {f + ":" + k: v for k, v in load_file(str(ckpt / "policy" / f)).items()}
+    return out
+
+
+# ------------------------------------------------------------------------------- the loop
+
+
+def _corrupt_copy(world, dst):
+    """A copy of the world whose even training rows hold undecodable image bytes."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(world, dst)
+    t = pq.read_table(dst / "train.parquet")
+    imgs = [b"not a png" if i % 2 == 0 else v for i, v in enumerate(t.column("image").to_pylist())]
+    pq.write_table(t.set_column(t.schema.get_field_index("image"), "image", pa.array(imgs, pa.binary())),
+                   dst / "train.parquet")
+    return dst
+
+
+def test_run_local_writes_everything(paths, tmp_path):
+    world, cap, clip = paths
+    world = _corrupt_copy(world, tmp_path / "world")
+    run = run_local(_cfg(world, cap, clip, tmp_path, "basic", 3))
+    assert run == tmp_path / "basic"
+    for f in ("config.yaml", "metrics.jsonl", "eval.json", "learning_curve.png", "summary.json"):
+        assert (run / f).is_file(), f
+    assert (tmp_path / "latest").is_symlink() and (tmp_path / "latest").resolve() == run.resolve()
+    assert load_config(run / "config.yaml").total_steps == 3
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev) == {"before", "after"}
+    for part in ev.values():
+        assert 0 <= part["clip_recall@1"] <= 1 and part["gallery_size"] == 8
+        assert "attribute_precision" in part  # ground truth from the scene column
+    recs = read_metrics(run / "metrics.jsonl")
+    steps = [r["step"] for r in recs]
+    assert steps == [0, 1, 2, 3]
+    assert "val/clip_recall@1" in recs[0] and "val/clip_recall@1" in recs[2]
+    for r in recs[1:]:
+        assert {"reward", "r/clip", "r/bad", "r/repeat", "samples_per_s", "learner/loss", "learner/grad_norm",
+                "caption_words"} <= set(r)
+        assert r["learner/dropped"] == 0 and r["policy_version"] == r["step"]
+    # checkpoints at step 2 (checkpoint_every) and at the end (3)
+    assert latest_checkpoint(run).name == "step_000003"
+    assert (run / "checkpoints" / "step_000002" / "state.json").is_file()
+    assert (run / "policy" / "config.json").is_file()
+    assert list(run.glob("events.out.tfevents*"))
+    # bad training images are skipped and counted, never trained on
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["bad_images"] > 0
+    assert summary["samples"] == 2 * summary["images"] == 2 * sum(len(r["image_rows"]) for r in recs[1:])
+    assert all(row % 2 == 1 for r in recs[1:] for row in r["image_rows"])
+    assert recs[-1]["bad_images"] == summary["bad_images"]
+
+
+def test_resume_continues_exactly(paths, tmp_path):
+    """4 steps straight vs 2 steps, stop, resume to 4 (the latter two through launch.py)."""
+    import launch
+    from vlrm.config import save_config
+
+    world, cap, clip = paths
+    straight = run_local(_cfg(world, cap, clip, tmp_path, "straight", 4, eval__val_every=0))
+    save_config(_cfg(world, cap, clip, tmp_path, "part", 2, eval__val_every=0), tmp_path / "part.yaml")
+    part = launch.main(["--config", str(tmp_path / "part.yaml")])
+    assert latest_checkpoint(part).name == "step_000002"
+    # simulate a kill after step 3 was logged but before its checkpoint: the resumed run must
+    # drop that record rather than duplicate step 3
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "reward": 123.0}) + "\n")
+    resumed = launch.main(["--resume", str(part), "--total_steps=4"])  # base config: the run's own
+    assert resumed == part and load_config(part / "config.yaml").total_steps == 4
+
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]  # counter continues, no duplicates
+    for ra, rb in zip(a, b):  # same images (sampler position), same captions and rewards
+        assert ra["image_rows"] == rb["image_rows"]
+        assert ra["data/epoch"] == rb["data/epoch"] and ra["data/offset"] == rb["data/offset"]
+        assert ra["reward"] == pytest.approx(rb["reward"], abs=1e-6)
+        assert ra["learner/loss"] == pytest.approx(rb["learner/loss"], abs=1e-5)
+    assert b[-1]["policy_version"] == 4
+    # Same optimizer state (Adam moments and step count restored): same final weights. Every
+    # input of a step is a function of saved state (per-step sampling seed, sampler position,
+    # float32 weights saved losslessly), and CPU kernels are deterministic for equal shapes and
+    # thread counts, so the weights match to float32 rounding (observed: bit-identical).
+    wa, wb = _trainable(straight), _trainable(part)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5, rtol=0), k
+    # the weights moved between the checkpoints (so the equality is not trivial)
+    vh = "value_head.safetensors"
+    first = load_file(str(part / "checkpoints" / "step_000002" / "policy" / vh))
+    last = load_file(str(latest_checkpoint(part) / "policy" / vh))
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+    ev = json.loads((part / "eval.json").read_text())
+    assert set(ev) == {"before", "after"}
+    assert ev["before"] == json.loads((straight / "eval.json").read_text())["before"]
+    assert resolve_resume(tmp_path / "latest")[0] == part.resolve()
+
+
+def test_launch_errors(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import launch
+
+    with pytest.raises(SystemExit) as e:
+        launch.main(["--resume", str(tmp_path / "nope")])
+    assert e.value.code == 2 and "nope" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "actors.system", None)  # the Ray system is not there
+    with pytest.raises(SystemExit, match="run_distributed"):
+        launch.main(["--mode=async"])
+
+
+# ------------------------------------------------------------------------------- the updater
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_captioner_dir):
+    torch.manual_seed(0)
+    return CaptionPolicy.from_config(PolicyConfig(model_path=str(tiny_captioner_dir), value_head_hidden=16))
+
+
+def _rollouts(policy, versions, k=2, n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n, 3, 64, 64, generator=g)
+    s = policy.sample(pixels, k, max_new_tokens=5, seed=seed)
+    lengths = s.lengths.tolist()
+    rows = [10 + i for i in s.image_index.tolist()]
+    batch = make_rollout_batch(batch_id="b", actor_id="a", policy_version=0, image_rows=rows,
+                               sample_index=[i % k for i in range(len(s))], texts=s.texts,
+                               tokens=[t[:m] for t, m in zip(s.tokens.tolist(), lengths)],
+                               logprobs=[lp[:m] for lp, m in zip(s.logprobs.tolist(), lengths)])
+    batch = with_rewards(batch, torch.randn(len(s), generator=g), {})
+    rt = to_tensors(batch, policy.pad_token_id)
+    rt.policy_versions = torch.as_tensor(versions, dtype=torch.long)
+    return pixels, rt
+
+
+def test_updater_drops_and_counts_stale_rollouts(policy):
+    upd = A2CUpdater(policy, LearnerConfig(max_policy_lag=2))
+    policy.version = 10
+    pixels, rt = _rollouts(policy, [10, 8, 7, 3])  # lags 0, 2, 3, 7: the last two are dropped
+    stats = upd.step(pixels, rt, current_version=10)
+    assert stats["dropped"] == 2 and stats["kept"] == 2 and stats["skipped"] == 0
+    assert stats["policy_lag_max"] == 2 and policy.version == 11 and upd.total_dropped == 2
+    assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    # everything stale: no update, version unchanged, all counted
+    pixels, rt = _rollouts(policy, [1, 1, 1, 1])
+    stats = upd.step(pixels, rt)
+    assert stats["skipped"] == 1 and stats["dropped"] == 4 and policy.version == 11 and upd.total_dropped == 6
+
+
+@pytest.mark.parametrize("baseline,off_policy", [("rloo", "truncated_is"), ("value", "vtrace"), ("rloo", "vtrace"),
+                                                 ("value", "none")])
+def test_updater_options_run_a_step(policy, baseline, off_policy):
+    policy.version = 5
+    upd = A2CUpdater(policy, LearnerConfig(baseline=baseline, off_policy=off_policy, value_lr=1e-3, entropy_coef=0.01),
+                     min_new_tokens=1)  # as policy.sample samples by default
+    assert [g["lr"] for g in upd.optimizer.param_groups] == [1e-4, 1e-3]
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    pixels, rt = _rollouts(policy, [4, 4, 5, 5], seed=1)
+    stats = upd.step(pixels, rt)
+    assert policy.version == 6 and stats["kept"] == 4
+    for key in ("loss", "policy_loss", "entropy", "grad_norm", "is_weight_mean"):
+        assert math.isfinite(stats[key]), key
+    assert stats["is_ratio_mean"] == pytest.approx(1.0, abs=1e-3)  # same weights sampled: ratio 1
+    if baseline == "rloo":
+        assert stats["value_loss"] == 0
+    else:
+        assert stats["value_loss"] > 0
+    changed = [n for n, p in policy.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("qformer" in n for n in changed)
+    assert any("value_head" in n for n in changed) == (baseline == "value")
+    # optimizer state round-trips through a weights-only load
+    sd = upd.state_dict()
+    upd2 = A2CUpdater(policy, LearnerConfig(baseline=baseline))
+    upd2.load_state_dict(sd)
+    assert upd2.optimizer.state_dict()["state"].keys() == sd["optimizer"]["state"].keys()
+
+
+def test_loo_helpers():
+    r = torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0, 9.0])
+    assert torch.allclose(group_loo_advantages(r, torch.tensor([0, 0, 0, 1, 1, 1])), rloo_baseline(r, 3))
+    # a singleton group falls back to the mean of the rest of the batch
+    adv = group_loo_advantages(torch.tensor([1.0, 3.0, 8.0]), torch.tensor([0, 0, 1]))
+    assert torch.allclose(adv, torch.tensor([-2.0, 2.0, 6.0]))
+    rows, idx = unique_rows(torch.tensor([7, 7, 3, 3, 7]))
+    assert rows == [7, 3] and idx.tolist() == [0, 0, 1, 1, 0]
+
+
+# ------------------------------------------------------------------------------- pieces
+
+
+def test_sampler_epochs_and_resume():
+    s = ImageSampler(5, 3, seed=1)
+    seq = [s.next_batch() for _ in range(4)]  # 12 rows: epochs 0, 1 and part of 2
+    flat = sum(seq, [])
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
+    s2 = ImageSampler(5, 3, seed=1)
+    s2.next_batch()
+    state = json.loads(json.dumps(s2.state_dict()))
+    s3 = ImageSampler(5, 3, seed=1)
+    s3.load_state_dict(state)
+    assert [s3.next_batch() for _ in range(3)] == seq[1:]
+    with pytest.raises(ValueError, match="num_rows"):
+        ImageSampler(6, 3, seed=1).load_state_dict(state)
+
+
+def test_checkpoint_rng_and_weights_only(policy, tmp_path):
+    import random
+
+    import numpy as np
+
+    upd = A2CUpdater(policy, LearnerConfig())
+    sampler = ImageSampler(10, 2, seed=0)
+    sampler.next_batch()
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    ck = save_training_checkpoint(tmp_path, policy, upd, sampler, 7, extra={"x": float("nan"), "y": 1})
+    expect = (torch.rand(2), np.random.rand(2), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    for f in ("optimizer.pt", "rng.pt"):
+        torch.load(ck / f, weights_only=True)  # no pickled code needed
+    s2 = ImageSampler(10, 2, seed=0)
+    state = load_training_checkpoint(ck, policy, A2CUpdater(policy, LearnerConfig()), s2)
+    assert state["step"] == 7 and state["extra"] == {"x": None, "y": 1} and s2.offset == 2
+    assert torch.equal(torch.rand(2), expect[0]) and np.allclose(np.random.rand(2), expect[1])
+    assert random.random() == expect[2]
+    assert latest_checkpoint(tmp_path) == ck
+    (tmp_path / "checkpoints" / "step_000009").mkdir()  # incomplete: no state.json
+    assert latest_checkpoint(tmp_path) == ck
+
+
+def test_metrics_logger_truncates_on_resume(tmp_path):
+    with MetricsLogger(tmp_path, tensorboard=False) as log:
+        for s in range(1, 6):
+            log.log(s, {"reward": float(s), "nan": float("nan")})
+    with MetricsLogger(tmp_path, resume_step=3, tensorboard=False) as log:
+        log.log(4, {"reward": 40.0})
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and recs[-1]["reward"] == 40.0 and recs[0]["nan"] is None

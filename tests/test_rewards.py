@@ -1,0 +1,276 @@
+"""Vision-language reward models and their combination (rewards/clip_reward.py, itm_reward.py,
+ref_lm.py, combine.py), checked against hand computations on the tiny fixture models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rewards.combine import CombinedReward, RewardError, RewardOutput, build_reward, register_reward, registered_rewards
+from vlrm.config import RewardConfig
+
+
+def _images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+CAPTIONS = ["a red circle", "two blue squares on a green background", "a small yellow triangle", ""]
+
+
+# ------------------------------------------------------------------------------------ CLIP
+
+
+@pytest.fixture(scope="module")
+def clip_reward(tiny_clip_dir):
+    from rewards.clip_reward import ClipReward
+
+    return ClipReward(str(tiny_clip_dir), prompt_prefix="a picture of ", batch_size=3)
+
+
+def test_clip_matches_open_clip_by_hand(clip_reward, tiny_clip_dir):
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + str(tiny_clip_dir))
+    model.eval()
+    tok = open_clip.get_tokenizer("local-dir:" + str(tiny_clip_dir))
+    imgs = _images(4)
+    with torch.no_grad():
+        fi = model.encode_image(torch.stack([preprocess(im) for im in imgs]), normalize=True)
+        ft = model.encode_text(tok(["a picture of " + c for c in CAPTIONS], context_length=model.context_length), normalize=True)
+        want = model.logit_scale.exp() * (fi * ft).sum(-1)
+        want_matrix = model.logit_scale.exp() * ft @ fi.t()
+    got = clip_reward(imgs, CAPTIONS)
+    assert got.dtype == torch.float32 and got.shape == (4,)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(clip_reward.similarity_matrix(imgs, CAPTIONS), want_matrix, rtol=1e-4, atol=1e-4)
+    assert clip_reward.context_length == model.context_length
+    assert clip_reward.last_truncated == 0
+
+
+def test_clip_counts_truncation(clip_reward):
+    long = " ".join(["red circle"] * clip_reward.context_length)
+    before = clip_reward.truncated
+    out = clip_reward(_images(3), ["a red circle", long, long + " and more"])
+    assert torch.isfinite(out).all()
+    assert clip_reward.last_truncated == 2
+    assert clip_reward.truncated == before + 2
+    clip_reward(_images(1), ["a blue square"])
+    assert clip_reward.last_truncated == 0 and clip_reward.truncated == before + 2
+
+
+def test_clip_image_dedupe_same_values(clip_reward, monkeypatch):
+    imgs = _images(2, seed=1)
+    caps = ["a red circle", "a blue square", "a green star", "a red circle", "two shapes", "one shape"]
+    index = [0, 0, 0, 1, 1, 1]
+    repeated = [imgs[j] for j in index]
+    copies = [imgs[j].copy() for j in index]  # distinct objects: no dedupe possible
+    seen = []
+    orig = clip_reward.encode_images
+    monkeypatch.setattr(clip_reward, "encode_images", lambda ims: seen.append(len(ims)) or orig(ims))
+    a = clip_reward(repeated, caps)
+    b = clip_reward(imgs, caps, image_index=index)
+    c = clip_reward(copies, caps)
+    assert seen == [2, 2, 6]  # one encoding per distinct image
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError):
+        clip_reward(imgs, caps, image_index=[0, 0, 0, 1, 1, 2])
+
+
+def test_clip_spec_errors(tmp_path):
+    from rewards.clip_reward import resolve_clip_spec
+
+    assert resolve_clip_spec("ViT-L-14/openai") == ("ViT-L-14", "openai")
+    assert resolve_clip_spec("hf-hub:org/repo") == ("hf-hub:org/repo", None)
+    with pytest.raises(ValueError, match="not found"):
+        resolve_clip_spec("models/does/not/exist")
+    with pytest.raises(FileNotFoundError, match="open_clip_config.json"):
+        resolve_clip_spec(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------ ITM
+
+
+@pytest.fixture(scope="module")
+def itm_reward(tiny_itm_dir):
+    from rewards.itm_reward import ItmReward
+
+    return ItmReward(str(tiny_itm_dir), batch_size=3)
+
+
+def test_itm_matches_hf_forward(itm_reward):
+    model, proc = itm_reward.model, itm_reward.processor
+    imgs = _images(2, seed=2)
+    caps = ["a red circle", "two blue squares on a green background", "a small yellow triangle", "a circle"]
+    index = [0, 0, 1, 1]
+    pv = proc.image_processor([imgs[j] for j in index], return_tensors="pt")["pixel_values"]
+    enc = proc.tokenizer(caps, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if model.config.image_token_index is not None:  # model expects (and strips) <image> placeholders
+        q = model.config.num_query_tokens
+        ids = torch.cat([torch.full((len(caps), q), model.config.image_token_index), ids], 1)
+        mask = torch.cat([torch.ones(len(caps), q, dtype=mask.dtype), mask], 1)
+    with torch.no_grad():
+        want = model(pixel_values=pv, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True).logits_per_image[:, 1]
+        itc = model(pixel_values=pv, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                    use_image_text_matching_head=False).logits_per_image  # [pairs, captions]
+
+    calls = []
+    hook = model.vision_model.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    try:
+        got_index = itm_reward(imgs, caps, image_index=index)
+        got_repeat = itm_reward([imgs[j] for j in index], caps)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(got_index, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_repeat, want, rtol=1e-4, atol=1e-5)
+    assert calls == [2, 2]  # one vision pass over the 2 unique images per call
+    # ITC: [captions, images]; HF's matrix is [pair images, captions] with pair images 0,0,1,1.
+    sim = itm_reward.itc_similarity(imgs, caps)
+    assert sim.shape == (4, 2)
+    torch.testing.assert_close(sim, itc[[0, 2]].t(), rtol=1e-4, atol=1e-5)
+
+
+def test_itm_counts_truncation(itm_reward):
+    long = " ".join(["red"] * (itm_reward.max_length + 5))
+    out = itm_reward(_images(2), ["a red circle", long])
+    assert torch.isfinite(out).all() and itm_reward.last_truncated == 1
+
+
+# ------------------------------------------------------------------------------------ ref LM
+
+
+def test_ref_lm_matches_manual_log_softmax(tiny_captioner_dir, tokenizer):
+    from transformers import Blip2ForConditionalGeneration
+
+    from rewards.ref_lm import ReferenceLMReward
+
+    ref = ReferenceLMReward(captioner_path=str(tiny_captioner_dir), batch_size=2)
+    lm = Blip2ForConditionalGeneration.from_pretrained(str(tiny_captioner_dir)).language_model.eval()
+    bos = tokenizer.bos_token_id
+    caps = ["a red circle", "two blue squares on a green background", "a", "   "]
+    got = ref(None, caps)
+    want = []
+    with torch.no_grad():
+        for c in caps:
+            toks = tokenizer(c, add_special_tokens=False)["input_ids"]
+            seq = [bos] + (toks or [tokenizer.eos_token_id])  # empty caption: log p(EOS | BOS)
+            logits = lm(input_ids=torch.tensor([seq])).logits[0]
+            logp = torch.log_softmax(logits[:-1], -1)[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
+            want.append(logp.mean())
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(got).all() and (got < 0).all()
+    ref_const = ReferenceLMReward.from_model(lm, tokenizer, empty_value=-7.5)
+    assert ref_const(None, [""]).tolist() == [-7.5]
+
+
+def test_ref_lm_from_causal_lm_path(tiny_captioner_dir, tokenizer, tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+
+    from rewards.ref_lm import ReferenceLMReward
+
+    lm = Blip2ForConditionalGeneration.from_pretrained(str(tiny_captioner_dir)).language_model
+    lm.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    caps = ["a red circle", "two blue squares"]
+    by_path = ReferenceLMReward(lm_path=str(tmp_path))(None, caps)
+    default = ReferenceLMReward(captioner_path=str(tiny_captioner_dir))(None, caps)
+    torch.testing.assert_close(by_path, default)
+    long = " ".join(["red"] * 200)  # tiny OPT: 128 positions
+    ref = ReferenceLMReward(lm_path=str(tmp_path))
+    assert torch.isfinite(ref(None, [long])).all() and ref.last_truncated == 1
+
+
+# ------------------------------------------------------------------------------------ combine
+
+
+class _Const:
+    def __init__(self, name, values):
+        self.name, self.values, self.calls = name, values, 0
+
+    def __call__(self, images, captions):
+        self.calls += 1
+        return torch.tensor(self.values[: len(captions)], dtype=torch.float32)
+
+
+def test_combined_weighted_sum_and_skips_zero_weight():
+    a, b, c = _Const("a", [1.0, 2.0, 3.0]), _Const("b", [0.5, -1.0, 4.0]), _Const("c", [9.0, 9.0, 9.0])
+    comb = CombinedReward({"a": a, "b": b, "c": c}, {"a": 2.0, "b": -0.5, "c": 0.0})
+    out = comb(["i"] * 3, ["x", "y", "z"])
+    assert isinstance(out, RewardOutput)
+    torch.testing.assert_close(out.total, torch.tensor([2 - 0.25, 4 + 0.5, 6 - 2.0]))
+    assert set(out.components) == {"a", "b"} and c.calls == 0
+    torch.testing.assert_close(out.components["b"], torch.tensor([0.5, -1.0, 4.0]))
+    with pytest.raises(ValueError, match="without a weight"):
+        CombinedReward({"a": a}, {})
+    with pytest.raises(ValueError, match="without a component"):
+        CombinedReward({}, {"a": 1.0})
+
+
+def test_combined_nan_raises_with_component_name():
+    comb = CombinedReward({"ok": _Const("ok", [1.0, 1.0]), "broken": _Const("broken", [0.0, math.nan])}, {"ok": 1.0, "broken": 1.0})
+    with pytest.raises(RewardError, match=r"'broken'.*caption 1") as e:
+        comb([None, None], ["fine", "bad"])
+    assert e.value.component == "broken" and e.value.index == 1
+    inf = CombinedReward({"x": _Const("x", [math.inf])}, {"x": 0.1})
+    with pytest.raises(RewardError, match="'x'"):
+        inf([None], ["c"])
+
+
+def test_combined_expands_images_for_components_without_image_index():
+    got = {}
+
+    def plain(images, captions):
+        got["images"] = list(images)
+        return torch.zeros(len(captions))
+
+    plain.name = "plain"
+    comb = CombinedReward({"plain": plain}, {"plain": 1.0})
+    comb(["A", "B"], ["x", "y", "z"], image_index=[1, 0, 1])
+    assert got["images"] == ["B", "A", "B"]
+
+
+def test_build_reward_from_config(tiny_clip_dir, tiny_itm_dir, tiny_captioner_dir):
+    cfg = RewardConfig(clip_path=str(tiny_clip_dir), itm_path=str(tiny_itm_dir),
+                       weights={"clip": 1.0, "itm": 0.0, "ref": 0.5, "bad": 1.0, "repeat": 1.0, "length": 0.1})
+    comb = build_reward(cfg, str(tiny_captioner_dir))
+    assert sorted(comb.components) == ["bad", "clip", "length", "ref", "repeat"]  # itm not even loaded
+    imgs = _images(2)
+    caps = ["an image of a red red circle", "a blue square"]
+    out = comb(imgs, caps, image_index=[0, 1])
+    want = sum(cfg.weights[k] * v for k, v in out.components.items())
+    torch.testing.assert_close(out.total, want)
+    torch.testing.assert_close(out.components["clip"], comb.components["clip"](imgs, caps))
+    assert out.components["bad"].tolist() == [-1.0, 0.0]
+    assert out.stats["clip/truncated"] == 0
+
+
+def test_build_reward_unknown_key():
+    cfg = RewardConfig(weights={"clip": 0.0, "cider": 1.0})
+    with pytest.raises(ValueError, match=r"unknown reward component\(s\) \['cider'\].*valid names.*'bad'.*'clip'"):
+        build_reward(cfg, "unused")
+
+
+def test_register_reward():
+    class Chars:
+        name = "chars"
+
+        def __call__(self, images, captions):
+            return torch.tensor([float(len(c)) for c in captions])
+
+    register_reward("chars_test", lambda cfg, captioner_path, device: Chars())
+    assert "chars_test" in registered_rewards()
+    with pytest.raises(ValueError, match="already registered"):
+        register_reward("chars_test", lambda cfg, p, d: Chars())
+    cfg = RewardConfig(weights={"chars_test": 2.0, "repeat": 1.0})
+    comb = build_reward(cfg, "unused")
+    out = comb([None, None], ["ab", "red red"])
+    assert out.components["chars_test"].tolist() == [2.0, 7.0]
+    torch.testing.assert_close(out.total, torch.tensor([4.0, 14.0]) + out.components["repeat"])
+    assert comb.components["chars_test"].name == "chars_test"

@@ -1,0 +1,332 @@
+"""The Ray actor-learner system on tiny random models: rollout, reward and learner actors on their
+own, sync and async runs, fault tolerance (a rollout actor killed mid-run), a two-node cluster on
+loopback, and the cluster launcher config.
+
+Runs are a few steps of 2-4 images x 2 captions of <= 6 tokens on a local Ray cluster shared by
+the module (started once). The multi-node test starts its own two ``ray start`` nodes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+import yaml
+
+from vlrm.config import from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(paths, out, name, steps, mode="async", **over):
+    world, cap, clip, itm = paths
+    d = {
+        "seed": 0, "mode": mode, "output_dir": str(out), "run_name": name, "total_steps": steps,
+        "data": {"root": str(world), "num_train": 64, "num_val": 32, "num_test": 32, "seed": 0, "image_size": 64},
+        "policy": {"model_path": str(cap), "value_head_hidden": 16},
+        "rollout": {"num_actors": 2, "num_cpus": 0.5, "images_per_batch": 2, "samples_per_image": 2,
+                    "max_new_tokens": 6},
+        "reward": {"num_actors": 1, "num_cpus": 0.5, "clip_path": str(clip), "itm_path": str(itm), "batch_wait_s": 0.05,
+                   "weights": {"clip": 1.0, "itm": 0.5, "ref": 0.0, "bad": 1.0, "repeat": 1.0, "length": 0.0}},
+        "learner": {"lr": 1e-3, "checkpoint_every": 0, "num_cpus": 0.5, "queue_size": 4, "max_policy_lag": 2},
+        "eval": {"evaluator_path": str(clip), "val_every": 2, "val_subset": 4, "gallery_size": 4, "max_new_tokens": 6},
+        "cluster": {"include_dashboard": False},
+    }
+    for k, v in over.items():
+        sec, key = k.split("__")
+        d[sec][key] = v
+    return from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def paths(tiny_world, tiny_captioner_dir, tiny_clip_dir, tiny_itm_dir):
+    return tiny_world, tiny_captioner_dir, tiny_clip_dir, tiny_itm_dir
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, namespace="vlrm-test", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _check_accounting(run: Path) -> dict:
+    acc = json.loads((run / "accounting.json").read_text())
+    assert acc["identity_holds"], acc
+    assert acc["generated"] == acc["scored"] == acc["consumed"] + acc["dropped_for_lag"] + acc["discarded_at_stop"]
+    assert acc["generated"] > 0
+    return acc
+
+
+# ------------------------------------------------------------------------------ actors on their own
+
+
+def test_actors_generate_score_update_and_push(paths, tmp_path, ray_local):
+    """One of each actor by hand: rollouts carry version and behaviour log-probs, the reward actor
+    merges two requests into one call, the learner steps and publishes only trainable weights,
+    a rollout actor swaps them in, and a repeated batch_id is served from the cache."""
+    ray = ray_local
+    from actors.rollout import RolloutActor, rollout_actor_options
+    from learner.actor import LearnerActor, learner_actor_options
+    from rewards.actor import RewardActor, reward_actor_options
+
+    cfg = _cfg(paths, tmp_path, "actors", 1)
+    cfg.reward.batch_wait_s = 0.5
+    learner = LearnerActor.options(**learner_actor_options(cfg)).remote(cfg, str(tmp_path / "actors"))
+    roll = RolloutActor.options(**rollout_actor_options(cfg)).remote(cfg, "rollout-0", learner)
+    rew = RewardActor.options(**reward_actor_options(cfg)).remote(cfg, "reward-0")
+
+    b1, m1 = roll.generate.remote([0, 1], "t-1")
+    b2, m2 = roll.generate.remote([2, 3], "t-2")
+    meta1, meta2 = ray.get([m1, m2])
+    batch = ray.get(b1)
+    assert meta1["rows"] == batch.num_rows == 4 and meta1["version"] == 0
+    assert batch.column("image_row").to_pylist() == [0, 0, 1, 1]
+    assert all(len(t) == len(lp) > 0 for t, lp in zip(batch.column("tokens").to_pylist(),
+                                                        batch.column("behaviour_logprobs").to_pylist()))
+    # the same batch_id again: the cached batch, not a second sample
+    _, m1b = roll.generate.remote([0, 1], "t-1")
+    assert ray.get(m1b)["cached"] is True
+
+    s1, sm1 = rew.score.remote(b1)
+    s2, sm2 = rew.score.remote(b2)
+    smeta1, smeta2 = ray.get([sm1, sm2])
+    assert smeta1["merged_batches"] == 2  # both requests in one model call
+    scored = ray.get(s1)
+    assert {"reward", "r/clip", "r/itm", "r/bad", "r/repeat"} <= set(scored.schema.names)
+    assert torch.isfinite(torch.tensor(scored.column("reward").to_pylist())).all()
+
+    stats = ray.get(learner.update.remote([s1, s2]))
+    assert stats["step"] == 1 and stats["version"] == 1 and stats["consumed"] == 8
+    assert sorted(stats["batch_ids"]) == ["t-1", "t-2"]
+    # the same batches again are ignored (exactly once)
+    again = ray.get(learner.update.remote([s1]))
+    assert again["duplicates"] == 4 and again.get("consumed", 0) == 0
+
+    ref, version = ray.get(learner.get_weights.remote())
+    assert version == 1 and isinstance(ref, ray.ObjectRef)
+    wire = ray.get(ref)
+    names = set(wire)
+    assert names and all(("qformer" in n or "query_tokens" in n or "language_projection" in n or "lora_" in n
+                          or n.startswith("value_head")) for n in names), sorted(names)[:5]
+    assert not any("vision_model" in n for n in names)
+    ack = ray.get(roll.set_weights.remote(ref, version, time.time()))
+    assert ack["applied"] and ack["version"] == 1
+    sd_l = ray.get(learner.trainable_state_dict.remote())
+    sd_r = ray.get(roll.trainable_state_dict.remote())
+    assert set(sd_l) == set(sd_r)
+    for k in sd_l:
+        torch.testing.assert_close(sd_l[k], sd_r[k])
+    _, m3 = roll.generate.remote([4, 5], "t-3")
+    assert ray.get(m3)["version"] == 1
+    for a in (learner, roll, rew):
+        ray.kill(a)
+
+
+def test_reward_nan_names_rollout_ids(paths, tmp_path):
+    """A NaN from a reward component raises an error naming the rollout id (never dropped)."""
+    from rewards.actor import RewardNaNError, RewardWorker
+    from rewards.combine import register_reward
+    from vlrm.schema import make_rollout_batch
+
+    class NanAt1:
+        name = "nan1"
+
+        def __call__(self, images, captions):
+            out = torch.zeros(len(captions))
+            out[1] = float("nan")
+            return out
+
+    register_reward("nan1", lambda cfg, cap, dev: NanAt1(), overwrite=True)
+    cfg = _cfg(paths, tmp_path, "nan", 1)
+    cfg.reward.weights = {"nan1": 1.0, "bad": 1.0}
+    w = RewardWorker(cfg, "reward-x")
+    batch = make_rollout_batch(batch_id="bad-batch", actor_id="r", policy_version=0, image_rows=[0, 1],
+                               sample_index=[0, 0], texts=["a red circle", "a blue square"], tokens=[[5], [6]],
+                               logprobs=[[-1.0], [-1.0]])
+    with pytest.raises(RewardNaNError, match="bad-batch-1") as e:
+        w.score_sync([batch])
+    assert e.value.rollout_ids == ["bad-batch-1"] and e.value.batch_ids == ["bad-batch"]
+
+
+def test_data_parallel_learner_is_a_clear_error(paths, tmp_path):
+    from learner.actor import LearnerWorker
+
+    cfg = _cfg(paths, tmp_path, "dp", 1)
+    cfg.learner.data_parallel_workers = 2
+    with pytest.raises(NotImplementedError, match="data_parallel_workers"):
+        LearnerWorker(cfg, str(tmp_path), publish=False)
+
+
+# ------------------------------------------------------------------------------ whole runs
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_run_distributed(paths, tmp_path, ray_local, mode):
+    from actors.system import run_distributed
+    from vlrm.run import read_metrics
+
+    run = run_distributed(_cfg(paths, tmp_path, mode, 4, mode=mode))
+    assert run == tmp_path / mode
+    for f in ("config.yaml", "metrics.jsonl", "eval.json", "learning_curve.png", "summary.json", "accounting.json"):
+        assert (run / f).is_file(), f
+    assert (tmp_path / "latest").resolve() == run.resolve()
+    ev = json.loads((run / "eval.json").read_text())
+    assert set(ev) == {"before", "after"} and 0 <= ev["after"]["clip_recall@1"] <= 1
+    acc = _check_accounting(run)
+    assert acc["final_step"] == 4 and acc["discarded_at_stop"] == 0
+    recs = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4]
+    assert "val/clip_recall@1" in recs[2] and "val/clip_recall@1" in recs[4]
+    last = recs[-1]
+    for key in ("reward", "r/clip", "r/itm", "samples_per_s", "policy_lag", "pipeline/queue", "learner/loss"):
+        assert key in last, key
+    assert all(v is None or torch.isfinite(torch.tensor(float(v))) for k, v in last.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if mode == "sync":
+        assert all(r["policy_lag"] == 0 for r in recs[1:])
+        assert acc["dropped_for_lag"] == 0
+    # 2 rollout actors both generated
+    assert {"rollout-0", "rollout-1"} <= set(acc["nodes"])
+    assert (run / "checkpoints").is_dir() and (run / "policy" / "config.json").is_file()
+
+
+def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(paths, tmp_path, ray_local):
+    """ray.kill(actor, no_restart=False) while it generates a batch: Ray restarts it and retries the
+    call on the new process (which first fetches the learner's current weights), the run completes
+    and every rollout is still accounted for exactly once."""
+    import threading
+
+    ray = ray_local
+    from actors.system import run_distributed
+
+    killed: dict = {}
+    started = threading.Event()
+    done = threading.Event()
+
+    def killer(run):
+        seen: dict = {}
+        while not done.is_set() and not killed:
+            try:
+                busy = dict(run.generating)
+            except RuntimeError:  # changed while copying
+                continue
+            now = time.monotonic()
+            for i, bid in busy.items():
+                first = seen.setdefault((i, bid), now)
+                if now - first > 0.1:  # in flight for a while: mid-generation
+                    ray.kill(run.rollouts[i], no_restart=False)
+                    killed.update(actor=f"rollout-{i}", batch_id=bid)
+                    break
+            time.sleep(0.01)
+
+    def on_step(run, step, metrics):
+        if step == 2 and not started.is_set():
+            started.set()
+            threading.Thread(target=killer, args=(run,), daemon=True).start()
+
+    cfg = _cfg(paths, tmp_path, "fault", 8, mode="async")
+    cfg.eval.val_every = 0
+    cfg.rollout.max_new_tokens = cfg.rollout.min_new_tokens = 24  # slower generation: a batch is in flight
+    cfg.rollout.images_per_batch = 4
+    try:
+        run = run_distributed(cfg, on_step=on_step)
+    finally:
+        done.set()
+    assert killed, "no rollout actor was killed"
+    acc = _check_accounting(run)
+    assert acc["final_step"] == 8
+    assert acc["actor_restarts"][killed["actor"]] >= 1 and acc["total_restarts"] >= 1
+    # the batch in flight at the kill was generated by the restarted actor, and counted once
+    assert killed["batch_id"] in acc["from_restarted_actors"]
+    assert acc["generated_batches"] == acc["scored_batches"] == acc["consumed_batches"]
+    assert "after" in json.loads((run / "eval.json").read_text())
+
+
+def test_time_budget_stop_counts_leftovers(paths, tmp_path, ray_local):
+    from actors.system import run_distributed
+
+    cfg = _cfg(paths, tmp_path, "budget", 1000, mode="async")
+    cfg.time_budget_s = 3.0
+    cfg.eval.val_every = 0
+    run = run_distributed(cfg)
+    acc = _check_accounting(run)
+    assert 0 < acc["final_step"] < 1000
+
+
+# ------------------------------------------------------------------------------ two nodes on loopback
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_node_cluster(paths, tmp_path):
+    """``ray start --head`` + a second ``ray start --address`` on 127.0.0.1, each with a custom
+    resource; rollout actors are pinned to the worker node, reward and learner to the head."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    head = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1", "--include-dashboard=false", "--num-cpus=2", "--disable-usage-stats",
+            '--resources={"head_role": 4}', f"--dashboard-port={_free_port()}"]
+    worker = [ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+              '--resources={"rollout": 4}', "--disable-usage-stats"]
+    try:
+        subprocess.run(head, check=True, env=env, capture_output=True, timeout=120)
+        subprocess.run(worker, check=True, env=env, capture_output=True, timeout=120)
+        from actors.system import run_distributed
+
+        cfg = _cfg(paths, tmp_path, "twonode", 3, mode="async")
+        cfg.cluster.address = f"127.0.0.1:{port}"
+        cfg.eval.val_every = 0
+        resources = {"rollout": {"rollout": 1}, "reward": {"head_role": 1}, "learner": {"head_role": 1}}
+        run = run_distributed(cfg, resources=resources)
+        assert not ray.is_initialized()  # run_distributed connected, so it disconnected too
+        acc = _check_accounting(run)
+        nodes = acc["nodes"]
+        assert nodes["rollout-0"] == nodes["rollout-1"]
+        assert nodes["reward-0"] == nodes["learner"]
+        assert nodes["rollout-0"] != nodes["learner"]  # both nodes did work
+        assert len(set(nodes.values())) == 2
+        assert acc["final_step"] == 3
+        ev = json.loads((run / "eval.json").read_text())
+        assert 0 <= ev["after"]["clip_recall@1"] <= 1
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------ cluster.yaml
+
+
+def test_cluster_yaml_validates_with_ray():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(raw))
+    types = raw["available_node_types"]
+    assert raw["head_node_type"] in types and types[raw["head_node_type"]]["resources"].get("GPU", 0) == 0
+    for role in ("rollout", "reward", "learner"):
+        node = next(t for t in types.values() if t.get("resources", {}).get(role))
+        assert node["resources"].get("GPU", 0) >= 1, role
+    head_cmd = " ".join(raw["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_cmd

@@ -1,0 +1,119 @@
+"""The shapes world: determinism, rendering, text, storage."""
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from shapes_world.dataset import generate_split, write_world
+from shapes_world.parse import attribute_scores, parse_caption
+from shapes_world.tokenizer import build_tokenizer
+from shapes_world.world import (BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene, SceneObject, full_description,
+                                render)
+from vlrm.metrics import COLOR_WORDS, words
+
+
+def test_generation_is_deterministic_per_seed():
+    a = generate_split("train", 20, seed=3)
+    b = generate_split("train", 20, seed=3)
+    c = generate_split("train", 20, seed=4)
+    assert a.equals(b)
+    assert a.column("description").to_pylist() != c.column("description").to_pylist()
+    # splits of one seed are different draws
+    assert generate_split("val", 20, seed=3).column("description").to_pylist() != a.column("description").to_pylist()
+
+
+def test_test_split_descriptions_are_unique():
+    t = generate_split("test", 300, seed=0)
+    descs = t.column("description").to_pylist()
+    assert len(set(descs)) == len(descs)
+
+
+def _one(shape="circle", color="red", size="large", position="center", background="black"):
+    return np.asarray(render(Scene(background, (SceneObject(shape, color, size, position),))), dtype=np.float32)
+
+
+def test_every_shape_renders_distinguishably():
+    imgs = {s: _one(shape=s) for s in SHAPES}
+    for i, a in enumerate(SHAPES):
+        for b in SHAPES[i + 1:]:
+            diff = np.abs(imgs[a] - imgs[b]).sum(-1) > 60
+            assert diff.sum() >= 40, f"{a} vs {b} differ in only {diff.sum()} pixels"
+
+
+def test_every_color_and_background_renders_distinguishably():
+    means = {}
+    for c in COLORS:
+        img = _one(color=c)
+        means[c] = img[28:36, 28:36].reshape(-1, 3).mean(0)  # centre of a large centred shape
+    for i, a in enumerate(COLORS):
+        for b in list(COLORS)[i + 1:]:
+            assert np.abs(means[a] - means[b]).max() > 40, (a, b)
+    corners = {bg: _one(background=bg)[0, 0] for bg in BACKGROUNDS}
+    for i, a in enumerate(BACKGROUNDS):
+        for b in list(BACKGROUNDS)[i + 1:]:
+            assert np.abs(corners[a] - corners[b]).max() > 60
+
+
+def test_sizes_and_positions_render_distinguishably():
+    area = {z: (np.abs(_one(size=z) - _one(size=z)[0, 0]).sum(-1) > 60).sum() for z in SIZES}
+    assert area["large"] > 2.5 * area["small"]
+    for idx, pos in enumerate(POSITIONS):
+        img = _one(position=pos, size="small")
+        ys, xs = np.nonzero(np.abs(img - img[0, 0]).sum(-1) > 60)
+        row, col = divmod(idx, 3)
+        assert int(ys.mean() // (64 / 3)) == row and int(xs.mean() // (64 / 3)) == col, pos
+
+
+def test_parquet_round_trip(tmp_path):
+    paths = write_world(tmp_path, seed=1, sizes={"train": 8, "val": 4, "test": 4})
+    table = pq.read_table(paths["test"])
+    again = generate_split("test", 4, seed=1)
+    assert table.equals(again)
+    row = table.to_pylist()[0]
+    scene = Scene.from_dict(__import__("json").loads(row["scene"]))
+    assert full_description(scene) == row["description"]
+    decoded = np.asarray(Image.open(io.BytesIO(row["image"])))
+    assert decoded.shape == (64, 64, 3)
+
+
+def test_human_captions_are_true_short_and_rarely_coloured():
+    t = generate_split("train", 400, seed=0).to_pylist()
+    scenes = [Scene.from_dict(__import__("json").loads(r["scene"])) for r in t]
+    caps = [r["captions"][0] for r in t]
+    assert attribute_scores(caps, scenes)["attribute_precision"] == 1.0
+    coloured = np.mean([any(w in COLOR_WORDS for w in words(c)) for c in caps])
+    assert 0.05 < coloured < 0.35
+    alt = [r["alt_texts"][0] for r in t]
+    assert np.mean([len(words(a)) for a in alt]) > 2 * np.mean([len(words(c)) for c in caps])
+    assert np.mean([any(w in COLOR_WORDS for w in words(a)) for a in alt]) == 1.0
+
+
+def test_tokenizer_knows_every_word_of_the_world():
+    tok = build_tokenizer()
+    t = generate_split("train", 200, seed=0).to_pylist()
+    texts = [c for r in t for c in r["captions"] + r["alt_texts"]]
+    ids = tok(texts).input_ids
+    assert all(tok.unk_token_id not in seq for seq in ids)
+    assert tok.decode(tok("a red circle at the top left, and two squares").input_ids, skip_special_tokens=True) == \
+        "a red circle at the top left, and two squares"
+
+
+def test_parse_caption_binds_attributes():
+    m = parse_caption("a large red circle at the top left and two small blue squares on a gray background")
+    assert ("color", "circle", "red") in m and ("position", "circle", "top left") in m
+    assert ("size", "square", "small") in m and ("count", "square", 2) in m
+    assert ("background", None, "gray") in m
+    assert ("position", "cross", "top left") in parse_caption("at the upper left a small red cross")
+
+
+def test_attribute_scores_hand_case():
+    scene = Scene("gray", (SceneObject("circle", "red", "large", "top left"),
+                           SceneObject("square", "blue", "small", "center")))
+    # mentions: shape circle (T), color red/circle (T), shape square (T), color green/square (F)
+    s = attribute_scores(["a red circle and a green square"], [scene])
+    assert s["attribute_precision"] == pytest.approx(3 / 4)
+    # facts: background + 4 per object = 9; covered: circle shape, circle colour, square shape
+    assert s["attribute_recall"] == pytest.approx(3 / 9)
+    assert attribute_scores([full_description(scene)], [scene])["attribute_recall"] == 1.0

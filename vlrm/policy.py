@@ -1,0 +1,539 @@
+"""The captioning policy: a BLIP-2 captioner (``Blip2ForConditionalGeneration``) with the VLRM
+trainable parts, a value head, sampling with per-token log-probs, and teacher-forced scoring.
+
+Shared by the rollout actors (``sample``, ``load_trainable_state_dict``) and the learner
+(``forward_logprobs``, ``trainable_state_dict``, checkpoints), so both sides compute exactly the
+same distribution.
+
+What trains (``PolicyConfig``; defaults as in the released VLRM checkpoint): the Q-Former, the
+learned query tokens, the language projection, LoRA adapters on the LM (peft, ``lora_r=0``
+disables them and the LM is fully frozen) and the value head. The vision tower and the LM's base
+weights are frozen (``train_vision`` unfreezes the vision tower).
+
+The prompt the LM sees is the one of ``Blip2ForConditionalGeneration.generate``:
+``Q`` projected query outputs (in place of ``<image>`` token embeddings) followed by BOS; the
+caption tokens come after it. Shapes below: ``N`` images, ``k`` samples per image,
+``B = N * k`` captions, ``Q`` query tokens, ``T`` generated positions, ``H`` LM width.
+
+Dropout: RL needs the teacher-forced log-probs to be those of the distribution that sampled, so
+by default the wrapped model stays in eval mode even when the policy is put in ``train()`` mode
+(``disable_dropout``; the tiny models have no dropout, OPT-2.7B has 0.1).
+
+``CaptionPolicy`` keeps a peft wrapper of its LM outside the module tree (for
+``disable_adapter`` and adapter saving): do not ``copy.deepcopy`` a policy, build another one
+with ``from_config`` and ``load_trainable_state_dict``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from vlrm.config import PolicyConfig
+from vlrm.value_head import ValueHead
+
+__all__ = ["CaptionPolicy", "PolicyForward", "Samples", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+TRAINABLE_FILE = "trainable.safetensors"
+ADAPTER_DIR = "adapter"
+VALUE_HEAD_FILE = "value_head.safetensors"
+META_FILE = "policy.json"
+
+
+@dataclass
+class Samples:
+    """Captions sampled by :meth:`CaptionPolicy.sample`.
+
+    Attributes:
+        tokens: ``[B, T]`` long, generated tokens only (after BOS); pad id after the EOS.
+        mask: ``[B, T]`` bool, True at generated tokens, the EOS included.
+        logprobs: ``[B, T]`` float32, log-prob of each sampled token under the distribution it
+            was sampled from (temperature, top-k/top-p, min-length applied); 0 at padding.
+        image_index: ``[B]`` long, sample ``i`` is a caption of image ``image_index[i]``; the ``k``
+            samples of one image are consecutive.
+        texts: ``B`` decoded captions (special tokens removed, stripped).
+        k: samples per image.
+        version: the policy version (``CaptionPolicy.version``) that sampled them.
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    logprobs: Tensor
+    image_index: Tensor
+    texts: list[str]
+    k: int = 1
+    version: int = 0
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def lengths(self) -> Tensor:
+        """``[B]`` number of generated tokens of each caption (EOS included)."""
+        return self.mask.sum(-1)
+
+
+class PolicyForward(NamedTuple):
+    """Teacher-forced outputs of :meth:`CaptionPolicy.forward_logprobs`, all ``[B, T]`` float32,
+    0 at padding: ``logprobs`` of the given tokens, ``values`` of the value head at the position
+    predicting each token, ``entropy`` of the next-token distribution there."""
+
+    logprobs: Tensor
+    values: Tensor
+    entropy: Tensor
+
+
+def _is_lora(name: str) -> bool:
+    return "lora_" in name
+
+
+class CaptionPolicy(nn.Module):
+    """BLIP-2 captioner + value head, with the VLRM freezing scheme (see the module docstring).
+
+    Build it with :meth:`from_config`. Attributes: ``model`` (the ``Blip2ForConditionalGeneration``,
+    LoRA injected in place into ``model.language_model``), ``processor`` (``Blip2Processor``),
+    ``tokenizer``, ``value_head``, ``config`` (``PolicyConfig``), ``version`` (set by the
+    caller: the learner's update count whose weights these are), ``vision_calls`` (images
+    passed through the vision tower so far).
+    """
+
+    def __init__(self, model: nn.Module, processor: Any, cfg: PolicyConfig, *, disable_dropout: bool | None = None):
+        super().__init__()
+        self.config = cfg
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.version: int = 0
+        self.vision_calls: int = 0
+        self.disable_dropout = bool(getattr(cfg, "disable_dropout", True) if disable_dropout is None else disable_dropout)
+
+        mcfg = model.config
+        self.num_query_tokens = int(mcfg.num_query_tokens)
+        image_token = getattr(mcfg, "image_token_id", None)
+        self.image_token_id = int(image_token if image_token is not None else mcfg.image_token_index)
+        tcfg = mcfg.text_config
+        self.bos_token_id = int(tcfg.bos_token_id if tcfg.bos_token_id is not None else self.tokenizer.bos_token_id)
+        self.eos_token_id = int(tcfg.eos_token_id if tcfg.eos_token_id is not None else self.tokenizer.eos_token_id)
+        pad = tcfg.pad_token_id if tcfg.pad_token_id is not None else self.tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else self.eos_token_id)
+
+        # Freezing: everything off, then the configured parts on.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for flag, module in ((cfg.train_qformer, model.qformer), (cfg.train_projection, model.language_projection),
+                             (cfg.train_vision, model.vision_model)):
+            if flag:
+                for p in module.parameters():
+                    p.requires_grad_(True)
+        model.query_tokens.requires_grad_(bool(cfg.train_query_tokens))
+
+        self._peft = None  # kept out of the module tree (its parameters are model.language_model's)
+        if cfg.lora_r and cfg.lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=int(cfg.lora_r), lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=list(cfg.lora_target_modules), bias="none")
+            # Injects LoRA layers in place into the LM (and freezes its base weights).
+            self.__dict__["_peft"] = get_peft_model(model.language_model, lora)
+        self.model = model
+
+        lm_hidden = int(getattr(tcfg, "word_embed_proj_dim", None) or tcfg.hidden_size)
+        self.value_head = ValueHead(lm_hidden, hidden=cfg.value_head_hidden, use_query=cfg.value_head_use_query,
+                                    query_dim=tcfg.hidden_size,
+                                    detach_input=bool(getattr(cfg, "value_head_detach", False)))
+        self.value_head.to(next(model.parameters()).device)
+        self.train(False)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, cfg: PolicyConfig, device: str | torch.device = "cpu", **kwargs: Any) -> "CaptionPolicy":
+        """Load ``cfg.model_path`` (local directory or hub id) in ``cfg.dtype`` and wrap it."""
+        from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"policy.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+        model = Blip2ForConditionalGeneration.from_pretrained(cfg.model_path, dtype=DTYPES[cfg.dtype])
+        processor = Blip2Processor.from_pretrained(cfg.model_path)
+        return cls(model, processor, cfg, **kwargs).to(device)
+
+    def train(self, mode: bool = True) -> "CaptionPolicy":
+        super().train(mode)
+        if self.disable_dropout:
+            self.model.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.query_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The LM's parameter dtype (the vision tower's and projection's too)."""
+        return self.model.language_projection.weight.dtype
+
+    @property
+    def lm(self) -> nn.Module:
+        """The (LoRA-injected) causal LM."""
+        return self.model.language_model
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ inputs
+
+    def preprocess(self, images: Sequence[Any]) -> Tensor:
+        """PIL images -> ``pixel_values [N, 3, S, S]`` on the policy's device and dtype."""
+        pv = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return pv.to(self.device, self.dtype)
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """``[N, Q, H]`` projected query outputs: the image as the LM sees it.
+
+        Vision tower (under ``no_grad`` when frozen) -> Q-Former over the query tokens ->
+        language projection; gradients flow to whatever trains. Adds ``N`` to ``vision_calls``.
+        """
+        m = self.model
+        pixel_values = pixel_values.to(self.device, m.vision_model.embeddings.patch_embedding.weight.dtype)
+        self.vision_calls += int(pixel_values.shape[0])
+        ctx = contextlib.nullcontext() if self.config.train_vision else torch.no_grad()
+        with ctx:
+            image_embeds = m.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        query_tokens = m.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_output = m.qformer(query_embeds=query_tokens, encoder_hidden_states=image_embeds,
+                                 encoder_attention_mask=image_mask, return_dict=True).last_hidden_state
+        query_output = query_output.to(m.language_projection.weight.dtype)
+        return m.language_projection(query_output).to(self.dtype)
+
+    def _prompt(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """``(input_ids [B, Q+1], inputs_embeds [B, Q+1, H])``: image placeholders + BOS, as in
+        ``Blip2ForConditionalGeneration.generate`` (features in place of the ``<image>`` embeddings)."""
+        b, q = features.shape[:2]
+        ids = torch.full((b, q + 1), self.image_token_id, dtype=torch.long, device=features.device)
+        ids[:, -1] = self.bos_token_id
+        bos = self.lm.get_input_embeddings()(ids[:, -1:])
+        return ids, torch.cat([features.to(bos.dtype), bos], dim=1)
+
+    @staticmethod
+    def _expand_index(image_index: Tensor | None, n_images: int, batch: int, device: torch.device) -> Tensor:
+        if image_index is None:
+            if batch % n_images:
+                raise ValueError(f"{batch} captions for {n_images} images: pass image_index")
+            return torch.arange(n_images, device=device).repeat_interleave(batch // n_images)
+        image_index = torch.as_tensor(image_index, dtype=torch.long, device=device)
+        if image_index.shape != (batch,):
+            raise ValueError(f"image_index must have shape [{batch}], got {tuple(image_index.shape)}")
+        return image_index
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was)
+            if self.disable_dropout:
+                self.model.eval()
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def sample(self, pixel_values: Tensor, k: int = 1, *, max_new_tokens: int = 40, min_new_tokens: int = 1,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+               features: Tensor | None = None) -> Samples:
+        """Sample ``k`` captions per image with ``language_model.generate`` (the HF path).
+
+        Image features are computed once per image (``features`` may pass them in) and repeated
+        for its ``k`` samples. ``seed`` makes the draw reproducible without touching the global
+        RNG. Log-probs come from the processed scores, so they are those of the distribution
+        actually sampled; :meth:`forward_logprobs` with the same ``temperature`` and
+        ``min_new_tokens`` reproduces them (top-k / top-p truncation is not reproduced there).
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        with self._eval_mode():
+            feats = self.image_features(pixel_values) if features is None else features
+            n = feats.shape[0]
+            feats = feats.repeat_interleave(k, dim=0)
+            ids, embeds = self._prompt(feats)
+            gen_kwargs = dict(
+                do_sample=True, num_beams=1, max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens),
+                temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), repetition_penalty=1.0,
+                no_repeat_ngram_size=0, typical_p=1.0, bos_token_id=self.bos_token_id,
+                eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, use_cache=True,
+                output_scores=True, return_dict_in_generate=True)
+            rng = contextlib.nullcontext()
+            if seed is not None:
+                devices = [self.device] if self.device.type == "cuda" else []
+                rng = torch.random.fork_rng(devices=devices)
+            with rng:
+                if seed is not None:
+                    torch.manual_seed(int(seed))
+                out = self.lm.generate(inputs_embeds=embeds, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                       **gen_kwargs)
+        steps = len(out.scores)
+        tokens = out.sequences[:, -steps:].clone()
+        logprobs = torch.stack(
+            [torch.log_softmax(s.float(), dim=-1).gather(-1, tokens[:, t:t + 1]).squeeze(-1)
+             for t, s in enumerate(out.scores)], dim=1)
+        mask = self._mask_through_eos(tokens)
+        tokens[~mask] = self.pad_token_id
+        logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))
+        texts = [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        image_index = torch.arange(n, device=tokens.device).repeat_interleave(k)
+        return Samples(tokens=tokens, mask=mask, logprobs=logprobs, image_index=image_index, texts=texts, k=k,
+                       version=int(self.version),
+                       sampling=dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                     temperature=temperature, top_k=top_k, top_p=top_p))
+
+    def _mask_through_eos(self, tokens: Tensor) -> Tensor:
+        """``[B, T]`` bool: True up to and including the first EOS (everything if none)."""
+        is_eos = tokens == self.eos_token_id
+        before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS count strictly before t
+        return before == 0
+
+    @torch.no_grad()
+    def caption(self, pixel_values: Tensor, decoding: str = "greedy", num_beams: int = 5,
+                no_repeat_ngram_size: int = 0, max_new_tokens: int = 40, min_new_tokens: int = 0) -> list[str]:
+        """Deterministic captions for evaluation: ``decoding='greedy'`` or ``'beam'`` (``num_beams``)."""
+        if decoding not in ("greedy", "beam"):
+            raise ValueError(f"decoding must be 'greedy' or 'beam', got {decoding!r}")
+        with self._eval_mode():
+            ids, embeds = self._prompt(self.image_features(pixel_values))
+            out = self.lm.generate(
+                inputs_embeds=embeds, input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                num_beams=int(num_beams) if decoding == "beam" else 1, no_repeat_ngram_size=int(no_repeat_ngram_size),
+                max_new_tokens=int(max_new_tokens), min_new_tokens=int(min_new_tokens), repetition_penalty=1.0,
+                bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                use_cache=True, return_dict_in_generate=False)
+        gen = out[:, ids.shape[1]:] if out.shape[1] > ids.shape[1] and torch.equal(out[:, :ids.shape[1]], ids) else out
+        return [t.strip() for t in self.tokenizer.batch_decode(gen, skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------ learning
+
+    def forward_logprobs(self, pixel_values: Tensor, tokens: Tensor, mask: Tensor, image_index: Tensor | None = None,
+                         *, temperature: float = 1.0, min_new_tokens: int = 0, compute_entropy: bool = True,
+                         features: Tensor | None = None) -> PolicyForward:
+        """Teacher-forced log-probs, values and entropies of ``tokens`` (with grad).
+
+        Args:
+            pixel_values: ``[N, 3, S, S]``, each unique image once (vision tower runs N times).
+            tokens: ``[B, T]`` generated tokens (as in :class:`Samples`).
+            mask: ``[B, T]`` bool, True at tokens that count.
+            image_index: ``[B]`` image of each caption; None: ``B // N`` consecutive captions per image.
+            temperature, min_new_tokens: reproduce the sampling distribution of :meth:`sample`
+                (``logits / temperature``; EOS forbidden before ``min_new_tokens``). The defaults
+                give the policy's own distribution.
+            compute_entropy: skip the entropy (zeros) to save a ``[B, T, V]`` product.
+            features: precomputed :meth:`image_features` of the ``N`` images (instead of pixels).
+
+        Returns:
+            :class:`PolicyForward`, each ``[B, T]`` float32, 0 where ``mask`` is False.
+        """
+        mask = mask.to(self.device).bool()
+        tokens = tokens.to(self.device)
+        feats = self.image_features(pixel_values) if features is None else features
+        b, t = tokens.shape
+        index = self._expand_index(image_index, feats.shape[0], b, feats.device)
+        feats = feats[index]
+        _, prompt = self._prompt(feats)
+        q1 = prompt.shape[1]  # Q + 1: the BOS position predicts token 0
+        embeds = torch.cat([prompt, self.lm.get_input_embeddings()(tokens[:, :-1])], dim=1)
+        attention = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=attention, use_cache=False,
+                                    return_dict=True).last_hidden_state[:, q1 - 1:]  # [B, T, H]
+        logits = self.lm.get_output_embeddings()(hidden).float()
+        if temperature != 1.0:
+            logits = logits / float(temperature)
+        if min_new_tokens > 0:
+            logits[:, :min_new_tokens, self.eos_token_id] = float("-inf")
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logprobs = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        if compute_entropy:
+            p = logp_all.exp()
+            entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
+        else:
+            entropy = torch.zeros_like(logprobs)
+        pooled = feats.mean(dim=1) if self.value_head.use_query else None
+        values = self.value_head(hidden, pooled)
+        zero = torch.zeros((), device=logprobs.device)
+        return PolicyForward(torch.where(mask, logprobs, zero), torch.where(mask, values, zero),
+                             torch.where(mask, entropy, zero))
+
+    @torch.no_grad()
+    def reference_lm_logprobs(self, captions: Sequence[str], *, include_eos: bool = False, batch_size: int = 64,
+                              empty_score: float = 0.0) -> Tensor:
+        """``[N]`` mean token log-prob of each caption under the frozen base LM (text only).
+
+        The caption is tokenised without special tokens, BOS-prefixed (and EOS-terminated with
+        ``include_eos``), and scored by the LM with the LoRA adapters disabled (peft
+        ``disable_adapter``: no second copy of the weights). Captions longer than the LM's
+        positions are truncated. A caption with no token to score gets ``empty_score``.
+        """
+        tok = self.tokenizer
+        max_pos = int(getattr(self.model.config.text_config, "max_position_embeddings", 2048) or 2048)
+        limit = max(1, min(max_pos, int(getattr(tok, "model_max_length", max_pos) or max_pos)) - 1)
+        seqs = []
+        for text in captions:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            ids = [self.bos_token_id] + list(ids) + ([self.eos_token_id] if include_eos else [])
+            seqs.append(ids[:limit])
+        out = torch.full((len(seqs),), float(empty_score), dtype=torch.float32)
+        ctx = self._peft.disable_adapter() if self._peft is not None else contextlib.nullcontext()
+        with self._eval_mode(), ctx:
+            for start in range(0, len(seqs), batch_size):
+                chunk = seqs[start:start + batch_size]
+                width = max(len(s) for s in chunk)
+                ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
+                att = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, s in enumerate(chunk):
+                    ids[i, :len(s)] = torch.tensor(s)
+                    att[i, :len(s)] = 1
+                ids, att = ids.to(self.device), att.to(self.device)
+                logits = self.lm(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float()
+                lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                valid = att[:, 1:].bool()
+                count = valid.sum(-1)
+                mean = torch.where(valid, lp, torch.zeros_like(lp)).sum(-1) / count.clamp(min=1)
+                mean = torch.where(count > 0, mean, torch.full_like(mean, float(empty_score)))
+                out[start:start + len(chunk)] = mean.cpu()
+        return out
+
+    # ------------------------------------------------------------------ weights
+
+    def trainable_state_dict(self, device: str | torch.device | None = "cpu") -> dict[str, Tensor]:
+        """The trainable tensors only (Q-Former, query tokens, projection, LoRA, value head), detached
+        copies (on ``device``; None keeps them where they are): what a learner pushes to actors."""
+        out = {}
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                t = p.detach()
+                out[n] = t.to(device, copy=True) if device is not None else t.clone()
+        return out
+
+    @torch.no_grad()
+    def load_trainable_state_dict(self, sd: dict[str, Tensor], strict: bool = True) -> None:
+        """Copy the tensors of :meth:`trainable_state_dict` (from a policy of the same config) in place."""
+        params = dict(self.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
+        unexpected = sorted(set(sd) - set(params))
+        missing = sorted(expected - set(sd))
+        if unexpected or (strict and missing):
+            raise KeyError(f"trainable state dict does not match this policy: missing {missing[:5]}"
+                           f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                           f"{'...' if len(unexpected) > 5 else ''}")
+        for n, v in sd.items():
+            p = params[n]
+            if p.shape != v.shape:
+                raise ValueError(f"{n}: shape {tuple(v.shape)} does not match the policy's {tuple(p.shape)}")
+            p.copy_(v.to(p.device, p.dtype))
+
+    def released_state_dict(self) -> dict[str, Tensor]:
+        """The released-VLRM-style partial state dict: trainable BLIP-2 tensors (no LoRA, no value
+        head) under ``Blip2ForConditionalGeneration`` names (``qformer.*``, ``query_tokens``,
+        ``language_projection.*``; ``vision_model.*`` if it trains)."""
+        return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad and not _is_lora(n)}
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Write ``trainable.safetensors`` (released style), ``adapter/`` (peft, when LoRA is on),
+        ``value_head.safetensors`` and ``policy.json`` (version and config) into ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.cpu() for k, v in self.released_state_dict().items()}, str(path / TRAINABLE_FILE),
+                  metadata={"format": "pt"})
+        if self._peft is not None:
+            self._peft.save_pretrained(str(path / ADAPTER_DIR), safe_serialization=True)
+        self._save_value_head(path)
+        meta = {"version": int(self.version), "config": dataclasses.asdict(self.config)}
+        (path / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return path
+
+    def _save_value_head(self, path: Path) -> None:
+        vh = self.value_head
+        save_file({k: v.detach().cpu().contiguous() for k, v in vh.state_dict().items()}, str(path / VALUE_HEAD_FILE),
+                  metadata={"format": "pt", "lm_hidden": str(vh.lm_hidden), "use_query": str(vh.use_query),
+                            "query_dim": str(vh.query_dim), "hidden": str(vh.net[0].out_features)})
+
+    @torch.no_grad()
+    def load_checkpoint(self, path: str | Path, strict: bool = True) -> None:
+        """Load :meth:`save_checkpoint` output. ``path`` may also be a single ``.safetensors`` file
+        of BLIP-2 names (the released VLRM weights), loaded with ``strict=False`` semantics.
+
+        Unknown tensor names always raise; with ``strict``, trainable tensors missing from the
+        checkpoint (and a missing adapter or value head) raise too.
+        """
+        path = Path(path)
+        if path.is_file():
+            self._load_released(load_file(str(path)), strict=False)
+            return
+        if not path.is_dir():
+            raise FileNotFoundError(f"no policy checkpoint at {path}")
+        self._load_released(load_file(str(path / TRAINABLE_FILE)), strict=strict)
+        adapter = path / ADAPTER_DIR / "adapter_model.safetensors"
+        if self._peft is not None:
+            if adapter.is_file():
+                from peft import set_peft_model_state_dict
+
+                res = set_peft_model_state_dict(self._peft, load_file(str(adapter)))
+                bad = [k for k in getattr(res, "unexpected_keys", []) if _is_lora(k)]
+                if bad:
+                    raise KeyError(f"adapter in {adapter.parent} does not match this policy's LoRA: {bad[:5]}")
+            elif strict:
+                raise FileNotFoundError(f"{adapter} missing (policy has LoRA r={self.config.lora_r})")
+        elif adapter.is_file():
+            raise ValueError(f"checkpoint {path} has a LoRA adapter but this policy has lora_r=0")
+        vh = path / VALUE_HEAD_FILE
+        if vh.is_file():
+            self.value_head.load_state_dict({k: v.to(self.device) for k, v in load_file(str(vh)).items()})
+        elif strict:
+            raise FileNotFoundError(f"{vh} missing")
+        meta = path / META_FILE
+        if meta.is_file():
+            self.version = int(json.loads(meta.read_text(encoding="utf-8")).get("version", self.version))
+
+    def _load_released(self, sd: dict[str, Tensor], strict: bool) -> None:
+        res = self.model.load_state_dict(sd, strict=False)
+        if res.unexpected_keys:
+            raise KeyError(f"unknown BLIP-2 tensors in checkpoint: {res.unexpected_keys[:5]}")
+        if strict:
+            missing = sorted(set(self.released_state_dict()) - set(sd))
+            if missing:
+                raise KeyError(f"checkpoint lacks trainable tensors {missing[:5]}")
+
+    def export_pretrained(self, path: str | Path, save_value_head: bool = True) -> Path:
+        """A full Hugging Face directory (LoRA merged into a copy of the LM, processor saved):
+        ``Blip2ForConditionalGeneration.from_pretrained(path)`` gives the same captions.
+        Also writes ``value_head.safetensors`` (ignored by ``from_pretrained``) unless told not to."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        lm = self.model.language_model
+        merged = copy.deepcopy(self._peft).merge_and_unload() if self._peft is not None else copy.deepcopy(lm)
+        self.model._modules["language_model"] = None
+        try:
+            shell = copy.deepcopy(self.model)
+        finally:
+            self.model._modules["language_model"] = lm
+        shell.language_model = merged
+        for p in shell.parameters():
+            p.requires_grad_(True)
+        shell.save_pretrained(str(path), safe_serialization=True)
+        self.processor.save_pretrained(str(path))
+        if save_value_head:
+            self._save_value_head(path)
+        del shell, merged
+        return path
