@@ -190,7 +190,7 @@ class RolloutWorker:
     Args:
         cfg: the resolved run config (paths must be readable where the actor runs).
         actor_id: name used in rollout ids and metrics (``rollout-0``...).
-        weights_source: an actor handle, or the name of a named actor, with
+        weights_source: an actor handle, or the name of a named actor in ``cluster.namespace``, with
             ``get_weights() -> (ref_or_dict, version)`` (the learner); a restarted actor (and, with ``fetch_weights``, a new one) loads the latest
             published weights from it, so it resumes with current weights, not the initial ones.
         fetch_weights: also fetch them on first start (needed when the learner resumed from a
@@ -220,7 +220,11 @@ class RolloutWorker:
             import ray
 
             if ray.is_initialized():
-                self.reconstructed = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+                import warnings
+
+                with warnings.catch_warnings():  # Ray's own property uses a deprecated accessor
+                    warnings.simplefilter("ignore")
+                    self.reconstructed = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         except Exception:
             pass
         self._metrics = _RolloutMetrics(actor_id)
@@ -228,7 +232,7 @@ class RolloutWorker:
             import ray
 
             if isinstance(weights_source, str):  # a named actor (keeps handles out of the constructor args)
-                weights_source = ray.get_actor(weights_source)
+                weights_source = ray.get_actor(weights_source, namespace=cfg.cluster.namespace)
             ref, version = ray.get(weights_source.get_weights.remote())
             self.set_weights(ref if not isinstance(ref, ray.ObjectRef) else ray.get(ref), version)
 

@@ -12,9 +12,10 @@ driver (this process) coordinates; the work runs in Ray actors:
   the trainable weights with one ``ray.put``; the driver hands that object to every rollout actor
   (``set_weights``), which swaps it in between batches.
 
-The driver owns every intermediate ``ObjectRef`` (rollout batches go from rollout actor to reward
-actor to learner through the object store, never through the driver), so a restarted actor's
-lost output is recomputed by Ray (``max_task_retries``) rather than lost.
+The driver owns every intermediate ``ObjectRef`` and passes references on (a rollout batch goes
+from rollout actor to reward actor to learner by reference; Ray moves the bytes, and only
+batches under its 100 KB inline limit touch the driver's memory), so a restarted actor's lost
+output is recomputed by Ray (``max_task_retries``) rather than lost.
 
 Modes:
 
@@ -36,6 +37,16 @@ are counted by ``batch_id`` when their results arrive, so a retried task is coun
 printed at the end and written to ``accounting.json`` together with actor restarts and
 resubmissions. The identity is per session: a resumed run starts counting again.
 
+Placement: each role asks for ``<role>.num_cpus`` / ``num_gpus``; on a cluster whose nodes advertise
+a resource named after a role (``cluster.yaml``: ``{"rollout": 1}`` etc.) that role's actors also
+ask for one unit of it, so they land on their node type (``run_distributed(resources=...)``
+overrides this per role). A local cluster started here gets at least the CPUs the actors ask for.
+
+Resume (``resume=`` / ``launch.py --resume``): the learner restores policy, optimizer, RNG and
+step from the checkpoint, rollout actors start from its weights, the sampler continues from the
+saved position. In async mode that position includes the batches that were in flight when the
+checkpoint was written; they are not replayed.
+
 Outputs are those of the local loop (``vlrm.run``): ``config.yaml``, ``metrics.jsonl`` +
 TensorBoard, ``eval.json`` (before/after), ``learning_curve.png``, ``checkpoints/``,
 ``summary.json``, the exported ``policy/`` and ``output_dir/latest``; plus ``accounting.json``.
@@ -47,7 +58,6 @@ actor list. The dashboard binds to ``cluster.dashboard_host`` (127.0.0.1 by defa
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -140,13 +150,23 @@ def localize_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def _role_resources(cfg: RunConfig, role: str, overrides: Mapping[str, Mapping[str, float]] | None) -> dict | None:
-    """Custom Ray resources for a role (e.g. ``{"rollout": 1}``): ``cfg.<role>.resources`` when the
-    config has it, else ``overrides[role]``."""
+def _role_resources(cfg: RunConfig, role: str, overrides: Mapping[str, Mapping[str, float]] | None,
+                    cluster: Mapping[str, float] | None = None) -> dict | None:
+    """Custom Ray resources a role's actors ask for (one actor: these amounts).
+
+    In order: ``overrides[role]`` (``run_distributed(resources=...)``); ``cfg.<role>.resources``
+    when the config has such a key; else ``{role: 1}`` when the cluster advertises a resource named
+    after the role (the node types of ``cluster.yaml`` do), which pins the role to its nodes;
+    else none.
+    """
     if overrides and overrides.get(role):
         return dict(overrides[role])
     res = getattr(getattr(cfg, role), "resources", None)
-    return dict(res) if res else None
+    if res:
+        return dict(res)
+    if cluster and cluster.get(role, 0) > 0:
+        return {role: 1.0}
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -327,6 +347,7 @@ class DistributedRun:
         self._batch_counter = 0
         self.generating: dict[int, str] = {}  # rollout actor index -> batch_id in flight (async mode)
         self.dead: set[int] = set()  # rollout actors given up on (restarts exhausted)
+        self.batch_origin: dict[str, str] = {}  # batch_id -> incarnation of the rollout actor that generated it
         self._pending_acks: dict[Any, tuple[int, float]] = {}
         self._score_rr = 0
 
@@ -343,19 +364,22 @@ class DistributedRun:
         cfg, name = self.cfg, self.cfg.run_name
         ns = cfg.cluster.namespace
         t0 = time.perf_counter()
+        cres = ray.cluster_resources()
+        self.placement = {role: _role_resources(cfg, role, self.resources, cres)
+                          for role in ("rollout", "reward", "learner")}
         self.learner = LearnerActor.options(
-            name=f"{name}.learner", namespace=ns, **learner_actor_options(cfg, _role_resources(cfg, "learner", self.resources))
+            name=f"{name}.learner", namespace=ns, **learner_actor_options(cfg, _role_resources(cfg, "learner", self.resources, cres))
         ).remote(cfg, str(self.ctx.dir.resolve()), str(self.ckpt) if self.ckpt else None)
         self.rewards = [
             RewardActor.options(name=f"{name}.reward-{j}", namespace=ns,
-                                **reward_actor_options(cfg, _role_resources(cfg, "reward", self.resources))
+                                **reward_actor_options(cfg, _role_resources(cfg, "reward", self.resources, cres))
                                 ).remote(cfg, f"reward-{j}")
             for j in range(cfg.reward.num_actors)]
         # Rollout actors start in parallel with the learner; they read its weights on start only when
         # it resumed from a checkpoint, and always after a restart (the constructor runs again).
         self.rollouts = [
             RolloutActor.options(name=f"{name}.rollout-{i}", namespace=ns,
-                                 **rollout_actor_options(cfg, _role_resources(cfg, "rollout", self.resources))
+                                 **rollout_actor_options(cfg, _role_resources(cfg, "rollout", self.resources, cres))
                                  ).remote(cfg, f"rollout-{i}", f"{name}.learner", fetch_weights=self.ckpt is not None)
             for i in range(cfg.rollout.num_actors)]
         self.queue = Queue(maxsize=cfg.learner.queue_size, actor_options={"num_cpus": 0, "name": f"{name}.queue",
@@ -366,8 +390,10 @@ class DistributedRun:
             self.incarnations.setdefault(info["actor_id"], set()).add(info["incarnation"])
             self.nodes[info["actor_id"]] = info["node_id"]
         self.nodes["learner"] = learner_info["node_id"]
+        pinned = ", ".join(f"{r} on {res}" for r, res in self.placement.items() if res)
         print(f"[vlrm] {cfg.rollout.num_actors} rollout + {cfg.reward.num_actors} reward actors + 1 learner "
-              f"ready in {time.perf_counter() - t0:.1f}s on {len(set(self.nodes.values()))} node(s); "
+              f"ready in {time.perf_counter() - t0:.1f}s on {len(set(self.nodes.values()))} node(s)"
+              f"{' (' + pinned + ')' if pinned else ''}; "
               f"learner: {learner_info['trainable_parameters']:,} trainable parameters on {learner_info['device']}",
               flush=True)
 
@@ -403,6 +429,8 @@ class DistributedRun:
         return _Score(gen.batch_id, gen, reward, data_ref, meta_ref, gen_meta, attempts)
 
     def _seen(self, meta: Mapping[str, Any]) -> None:
+        if meta.get("batch_id") and meta.get("actor_id", "").startswith("rollout"):
+            self.batch_origin[meta["batch_id"]] = meta.get("incarnation")
         aid = meta.get("actor_id")
         if aid and meta.get("incarnation"):
             self.incarnations.setdefault(aid, set()).add(meta["incarnation"])
@@ -477,10 +505,10 @@ class DistributedRun:
     def _budget_left(self, train_seconds: float) -> bool:
         return self.cfg.time_budget_s is None or train_seconds < self.cfg.time_budget_s
 
-    def _after_step(self, stats: dict, step: int, dt: float, train_seconds: float, t_train0: float,
+    def _after_step(self, stats: dict, step: int, dt: float, train_seconds: float,
                     validate: Callable[[], dict], checkpoint: Callable[[int, float], None], logger: Any,
-                    pipeline: Mapping[str, Any]) -> float:
-        """Log, validate, checkpoint after a learner step; returns seconds spent outside training."""
+                    pipeline: Mapping[str, Any]) -> None:
+        """Log (jsonl, TensorBoard, progress line, Ray metrics), validate and checkpoint after a step."""
         from vlrm.run import progress_line
 
         cfg = self.cfg
@@ -504,7 +532,6 @@ class DistributedRun:
             "restarts": int(sum(self._restarts().values())),
         }
         m |= {f"pipeline/{k}": v for k, v in pipeline.items()}
-        t0 = time.perf_counter()
         if cfg.eval.val_every > 0 and step % cfg.eval.val_every == 0:
             m |= validate()
         if step % max(1, cfg.learner.log_every) == 0 or "val/clip_recall@1" in m or step == cfg.total_steps:
@@ -518,7 +545,6 @@ class DistributedRun:
             checkpoint(step, train_seconds)
         if self.on_step is not None:
             self.on_step(self, step, m)
-        return time.perf_counter() - t0
 
     # .................................................................. sync
 
@@ -527,7 +553,6 @@ class DistributedRun:
 
         cfg = self.cfg
         n = len(self.rollouts)
-        t_train0 = time.perf_counter()
         while step < cfg.total_steps and self._budget_left(train_seconds):
             t_step = time.perf_counter()
             rows = sampler.next_batch()
@@ -536,12 +561,14 @@ class DistributedRun:
             gen_metas = self._wait_gens(gens)
             scores = [self._submit_score(g, gm) for g, gm in zip(gens, gen_metas) if gm["rows"] > 0]
             self._wait_scores(scores)
-            for s in scores:
-                self.queue.put([s.data_ref])
             if not scores:
                 train_seconds += time.perf_counter() - t_step
                 continue
-            stats = ray.get(self.learner.update_from_queue.remote(self.queue, len(scores)))
+            # the learner waits on the queue first, so a queue smaller than the step still flows
+            update_ref = self.learner.update_from_queue.remote(self.queue, len(scores))
+            for s in scores:
+                self.queue.put([s.data_ref])
+            stats = ray.get(update_ref)
             self.acc.on_learned(stats)
             if stats.get("weights") is not None:
                 acks = self._push_weights(stats["weights"])
@@ -553,7 +580,7 @@ class DistributedRun:
             step = int(stats["step"])
             dt = time.perf_counter() - t_step
             train_seconds += dt
-            self._after_step(stats, step, dt, train_seconds, t_train0, validate, checkpoint, logger,
+            self._after_step(stats, step, dt, train_seconds, validate, checkpoint, logger,
                              {"queue": 0, "generating": 0, "scoring": 0})
         return step, train_seconds
 
@@ -612,7 +639,6 @@ class DistributedRun:
         in_queue = 0
         update_ref = None
         last_t = time.perf_counter()
-        t_train0 = last_t
         stopping = False
 
         def outstanding() -> int:
@@ -632,19 +658,18 @@ class DistributedRun:
                     gens[g.meta_ref] = g
                     self.generating[i] = g.batch_id
             # 2. feed the queue (bounded: backpressure)
-            while ready and in_queue < cfg.learner.queue_size:
+            while ready and in_queue < cfg.learner.queue_size and not stopping:
                 self.queue.put_nowait([ready.popleft()])
                 in_queue += 1
-            # 3. keep the learner busy
-            if update_ref is None and in_queue > 0:
+            # 3. keep the learner busy (not after a stop: what is left is counted as discarded)
+            if update_ref is None and in_queue > 0 and not stopping:
                 update_ref = self.learner.update_from_queue.remote(self.queue, 1)
                 in_queue -= 1
             if stopping and not gens and not scores and update_ref is None:
                 break
             waitable = list(gens) + list(scores) + ([update_ref] if update_ref is not None else [])
-            if not waitable:
-                if stopping:
-                    break
+            if not waitable:  # nothing in flight (cannot normally happen): do not spin
+                time.sleep(0.01)
                 continue
             done, _ = ray.wait(waitable, num_returns=1, timeout=1.0)
             if done:
@@ -699,10 +724,8 @@ class DistributedRun:
                     dt = now - last_t
                     train_seconds += dt
                     pipeline = {"queue": in_queue + len(ready), "generating": len(gens), "scoring": len(scores)}
-                    spent = self._after_step(stats, step, dt, train_seconds, t_train0, validate, checkpoint, logger,
-                                             pipeline)
-                    last_t = time.perf_counter()
-                    del spent
+                    self._after_step(stats, step, dt, train_seconds, validate, checkpoint, logger, pipeline)
+                    last_t = time.perf_counter()  # validation and checkpoints do not count as training time
         # time budget stop: what is left in the pipeline is counted, not learned from
         train_seconds += time.perf_counter() - last_t
         leftover = list(ready)
@@ -750,7 +773,6 @@ def run_distributed(cfg: RunConfig, resume: str | Path | None = None, *,
             use it to kill actors mid-run).
     """
     import ray
-    import torch
 
     from learner.loop import prepare_data
     from vlrm.evaluate import write_json
@@ -815,8 +837,7 @@ def run_distributed(cfg: RunConfig, resume: str | Path | None = None, *,
 
         after = ray.get(dist.learner.evaluate.remote(ev.split, ev.gallery_size))
         write_json({"before": before, "after": after}, ctx.eval_path)
-        dist.acc.actor_restarts = dist._restarts()
-        for info in ray.get([a.info.remote() for a in dist.rollouts] + [r.info.remote() for r in dist.rewards]):
+        for info in _infos(dist.rollouts + dist.rewards):
             dist._seen(info)
         dist.acc.actor_restarts = dist._restarts()
         learner_info = ray.get(dist.learner.info.remote())
@@ -839,7 +860,6 @@ def run_distributed(cfg: RunConfig, resume: str | Path | None = None, *,
         print(f"[vlrm] done: {step} steps in {train_seconds:.0f}s ({summary['samples_per_s']:.1f} samples/s); "
               f"{ev.split} R@1 {before['clip_recall@1']:.3f} -> {after['clip_recall@1']:.3f}, words "
               f"{before['mean_words']:.1f} -> {after['mean_words']:.1f}; {ctx.dir}", flush=True)
-        del torch
         return ctx.dir
     finally:
         if logger is not None:
@@ -848,6 +868,19 @@ def run_distributed(cfg: RunConfig, resume: str | Path | None = None, *,
             dist.shutdown()
         if started:
             ray.shutdown()
+
+
+def _infos(actors: list) -> list[dict]:
+    """``info()`` of each actor that still answers (a dead one is skipped)."""
+    import ray
+
+    out = []
+    for a in actors:
+        try:
+            out.append(ray.get(a.info.remote(), timeout=60))
+        except Exception:
+            continue
+    return out
 
 
 def _summary(xs: list[float]) -> dict | None:

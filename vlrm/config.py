@@ -118,6 +118,7 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling threshold; 1.0 disables
     max_restarts: int = 3  # times Ray restarts a dead rollout actor (-1: forever)
     max_task_retries: int = 3  # times Ray retries a rollout call on a restarted actor (-1: forever)
+    resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources per actor, e.g. {rollout: 1} (cluster.yaml node types)
 
 
 @dataclass
@@ -137,6 +138,7 @@ class RewardConfig:
     kl_coef: float = 0.0  # KL-to-reference penalty coefficient, an alternative to the 'ref' term; 0 disables
     max_restarts: int = 3  # times Ray restarts a dead reward actor (-1: forever)
     max_task_retries: int = 3  # times Ray retries a scoring call on a restarted actor (-1: forever)
+    resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources per actor, e.g. {reward: 1}
     batch_wait_s: float = 0.05  # how long a reward actor waits to merge requests from several rollout actors
 
 
@@ -160,6 +162,7 @@ class LearnerConfig:
     checkpoint_every: int = 50  # save a checkpoint every this many steps; 0 disables (a final one is still saved)
     log_every: int = 1  # print and log metrics every this many steps
     data_parallel_workers: int = 1  # learner workers in data parallel (gradients averaged)
+    resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources for the learner, e.g. {learner: 1}
 
 
 @dataclass

@@ -19,7 +19,8 @@ from shapes_world.pretrain.blip2_io import save_blip2
 from shapes_world.pretrain.common import load_split
 from shapes_world.tokenizer import build_tokenizer
 
-STEPS = {"reward_clip": 600, "eval_clip": 500, "itm": 350, "lm": 300, "captioner": 600}
+STEPS = {"reward_clip": 600, "eval_clip": 700, "itm": 350, "lm": 300, "captioner": 600}
+MODELS = ("reward_clip", "eval_clip", "reward_itm", "captioner")
 SEEDS = {"reward_clip": 11, "eval_clip": 22, "itm": 33, "captioner": 44}
 
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step count (e.g. 0.01 for a smoke run)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training scenes")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default=",".join(MODELS),
+                   help="comma-separated subset of %s to rebuild; the others are read from --out" % ",".join(MODELS))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     steps = {k: max(2, int(v * a.scale)) for k, v in STEPS.items()}
@@ -56,13 +59,20 @@ def main(argv: list[str] | None = None) -> None:
     train = load_split(root / "train.parquet", limit=a.train_limit)
     test = load_split(root / "test.parquet")
     tokenizer = build_tokenizer()
-    metrics: dict = {"steps": steps, "seeds": SEEDS, "world_seed": a.seed, "num_train": len(train.images)}
-    timings: dict = {}
+    only = set(filter(None, a.only.split(",")))  # "" re-evaluates the captioner only
+    if not only <= set(MODELS):
+        p.error(f"--only: unknown model(s) {sorted(only - set(MODELS))}; choose from {MODELS}")
+    old = out / "metrics.json"
+    metrics: dict = json.loads(old.read_text()) if old.exists() and only != set(MODELS) else {}
+    metrics |= {"steps": steps, "seeds": SEEDS, "world_seed": a.seed, "num_train": len(train.images)}
+    timings: dict = metrics.get("seconds", {})
 
     from shapes_world.pretrain.clip import CLIP_CONFIGS, save_clip, train_clip
 
     half = len(train.images) // 2
     for name, cfg_name, rows in (("reward_clip", "reward", slice(0, half)), ("eval_clip", "evaluator", slice(half, None))):
+        if name not in only:
+            continue
         t0 = time.time()
         subset = type(train)(train.images[rows], train.captions[rows], train.alt_texts[rows], train.scenes[rows])
         model = train_clip(subset, CLIP_CONFIGS[cfg_name], seed=SEEDS[name], steps=steps[name], name=name)
@@ -74,23 +84,31 @@ def main(argv: list[str] | None = None) -> None:
 
     from shapes_world.pretrain.itm import itm_rank_accuracy, train_itm
 
-    t0 = time.time()
-    itm = train_itm(train, tokenizer, seed=SEEDS["itm"], steps=steps["itm"])
-    save_blip2(itm, tokenizer, out / "reward_itm")
-    metrics["reward_itm"] = itm_rank_accuracy(itm, tokenizer, test.images, [a[0] for a in test.alt_texts])
-    timings["reward_itm"] = time.time() - t0
-    print("reward_itm", metrics["reward_itm"], flush=True)
+    if "reward_itm" in only:
+        t0 = time.time()
+        itm = train_itm(train, tokenizer, seed=SEEDS["itm"], steps=steps["itm"])
+        save_blip2(itm, tokenizer, out / "reward_itm")
+        metrics["reward_itm"] = itm_rank_accuracy(itm, tokenizer, test.images, [a[0] for a in test.alt_texts])
+        timings["reward_itm"] = time.time() - t0
+        print("reward_itm", metrics["reward_itm"], flush=True)
+    elif "captioner" in only:
+        from transformers import Blip2ForImageTextRetrieval
+
+        itm = Blip2ForImageTextRetrieval.from_pretrained(str(out / "reward_itm"))
 
     from shapes_world.pretrain.captioner import train_captioner
 
-    t0 = time.time()
-    captioner = train_captioner(train, tokenizer, itm, seed=SEEDS["captioner"], lm_steps=steps["lm"], steps=steps["captioner"])
-    save_blip2(captioner, tokenizer, out / "captioner")
-    timings["captioner"] = time.time() - t0
+    if "captioner" in only:
+        t0 = time.time()
+        captioner = train_captioner(train, tokenizer, itm, seed=SEEDS["captioner"], lm_steps=steps["lm"],
+                                    steps=steps["captioner"])
+        save_blip2(captioner, tokenizer, out / "captioner")
+        timings["captioner"] = time.time() - t0
 
     metrics["captioner_greedy_test"] = evaluate_saved_captioner(out / "captioner", out / "eval_clip", root / "test.parquet")
     print("captioner", metrics["captioner_greedy_test"], flush=True)
-    metrics["seconds"] = timings | {"total": time.time() - t_start}
+    timings["total"] = sum(v for k, v in timings.items() if k in MODELS)
+    metrics["seconds"] = timings
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'metrics.json'} in {time.time() - t_start:.0f}s")
 
