@@ -19,7 +19,7 @@ from shapes_world.pretrain.blip2_io import save_blip2
 from shapes_world.pretrain.common import load_split
 from shapes_world.tokenizer import build_tokenizer
 
-STEPS = {"reward_clip": 600, "eval_clip": 700, "itm": 350, "lm": 300, "captioner": 600}
+STEPS = {"reward_clip": 600, "eval_clip": 600, "itm": 350, "lm": 300, "captioner": 600}
 MODELS = ("reward_clip", "eval_clip", "reward_itm", "captioner")
 SEEDS = {"reward_clip": 11, "eval_clip": 22, "itm": 33, "captioner": 44}
 

@@ -2,10 +2,12 @@
 
 1. The OPT language model is pretrained as a plain LM on all the world's text (human captions and
    alt-text), as real OPT knows English beyond COCO.
-2. BLIP-2 stage 2: vision tower and Q-Former start from the stage-1 ITM model; vision tower and LM
-   stay frozen; Q-Former, query tokens and language projection learn by MLE on the *human
-   captions only*. The captioner therefore sees rich image features and has an LM able to say
-   everything, but has learned to write short, biased captions: the gap RL closes.
+2. BLIP-2 stage 2: vision tower and Q-Former start from the stage-1 ITM model; vision tower,
+   Q-Former, query tokens, language projection and LM learn by MLE on the *human captions only*
+   (``train_vision=False, train_lm=False`` freeze them as BLIP-2 does; our tiny stage 1 is too
+   short to give a vision tower worth freezing, and a 2-layer LM cannot read a soft prompt it was
+   never trained with: with both frozen, 500 steps gave "a square" for every image). The captioner has an LM able
+   to say everything, but has learned to write short, biased captions: the gap RL closes.
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ def vision_embeds(vision_model, images_u8: torch.Tensor, batch: int = 500) -> to
 
 
 def train_captioner(train: SplitTensors, tokenizer, itm: Blip2ForImageTextRetrieval, *, seed: int, lm_steps: int,
-                    steps: int, batch_size: int = 128, lr: float = 1e-3, train_lm: bool = False) -> Blip2ForConditionalGeneration:
+                    steps: int, batch_size: int = 128, lr: float = 1e-3, train_lm: bool = True,
+                    train_vision: bool = True) -> Blip2ForConditionalGeneration:
     config = captioner_config(tokenizer, image_size=train.images.shape[-1])
     texts = [t for caps in train.captions for t in caps] + [t for alts in train.alt_texts for t in alts]
     lm = pretrain_lm(texts, tokenizer, config, seed=seed, steps=lm_steps)
@@ -86,9 +89,11 @@ def train_captioner(train: SplitTensors, tokenizer, itm: Blip2ForImageTextRetrie
     model.qformer.load_state_dict(itm.qformer.state_dict(), strict=False)  # ITM's text-only layers are unused here
     model.query_tokens.data.copy_(itm.query_tokens.data)
     model.language_model.load_state_dict(lm.state_dict())
-    for module in (model.vision_model,) + (() if train_lm else (model.language_model,)):
+    frozen = (() if train_vision else (model.vision_model,)) + (() if train_lm else (model.language_model,))
+    for module in frozen:
         module.requires_grad_(False)
-    embeds = vision_embeds(model.vision_model, train.images)  # frozen: computed once
+    # A frozen vision tower is run once over the data; a trained one at every step.
+    embeds = None if train_vision else vision_embeds(model.vision_model, train.images)
     n, k = len(train.captions), len(train.captions[0])
     ids_all, labels_all = caption_ids(tokenizer, [c for caps in train.captions for c in caps])
     ids_all, labels_all = ids_all.view(n, k, -1), labels_all.view(n, k, -1)
@@ -102,7 +107,8 @@ def train_captioner(train: SplitTensors, tokenizer, itm: Blip2ForImageTextRetrie
         rows = torch.randint(0, n, (batch_size,), generator=gen)
         which = torch.randint(0, k, (batch_size,), generator=gen)
         ids, labels = _batch(ids_all[rows, which], labels_all[rows, which], torch.arange(batch_size))
-        loss = caption_loss(model, embeds[rows], ids, labels, tokenizer.pad_token_id)
+        img = model.vision_model(pixel_values=normalize(train.images[rows])).last_hidden_state if embeds is None else embeds[rows]
+        loss = caption_loss(model, img, ids, labels, tokenizer.pad_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
