@@ -33,6 +33,7 @@ import torch
 
 from vlrm.config import RunConfig
 from vlrm.schema import make_rollout_batch
+from vlrm.raytools import node_id
 
 __all__ = [
     "GenerationBackend",
@@ -157,16 +158,6 @@ def _device(num_gpus: float) -> str:
     return "cuda" if num_gpus and num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-def _node_id() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    except Exception:
-        pass
-    return socket.gethostname()
-
 
 # --------------------------------------------------------------------------------------
 # The actor
@@ -211,7 +202,7 @@ class RolloutWorker:
         self.started_at = time.time()
         self.pid = os.getpid()
         self.incarnation = f"{self.pid}-{self.started_at:.6f}"
-        self.node_id = _node_id()
+        self.node_id = node_id()
         self._cache: OrderedDict[str, tuple[pa.RecordBatch, dict]] = OrderedDict()
         self._cache_size = int(cache_size)
         self.generated_rows = 0  # since this incarnation started

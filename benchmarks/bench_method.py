@@ -12,9 +12,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from vlrm.config import LearnerConfig, PolicyConfig
 from vlrm.data import ImageDataset, split_path

@@ -35,6 +35,7 @@ import pyarrow as pa
 import torch
 
 from vlrm.config import RunConfig
+from vlrm.raytools import node_id
 
 __all__ = ["LearnerWorker", "LearnerActor", "learner_actor_options"]
 
@@ -99,7 +100,7 @@ class LearnerWorker:
         self.totals = {"consumed": 0, "dropped_for_lag": 0, "duplicates": 0, "batches": 0, "skipped_steps": 0}
         self._evaluator = None
         self.pid = os.getpid()
-        self.node_id = _node_id()
+        self.node_id = node_id()
         self._publish_enabled = publish
         self._published: tuple[Any, int, float] | None = None
         self._metrics = _LearnerMetrics()
@@ -294,16 +295,6 @@ def _resolve(batches: Sequence[Any]) -> list[pa.RecordBatch]:
             out.append(v)
     return out
 
-
-def _node_id() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    except Exception:
-        pass
-    return socket.gethostname()
 
 
 class _LearnerMetrics:

@@ -28,6 +28,7 @@ import torch
 from rewards.combine import RewardError, build_reward
 from vlrm.config import RunConfig
 from vlrm.schema import with_rewards
+from vlrm.raytools import node_id
 
 __all__ = ["RewardWorker", "RewardActor", "RewardNaNError", "reward_actor_options", "score_batches"]
 
@@ -126,7 +127,7 @@ class RewardWorker:
         self.wait_s = max(0.0, float(cfg.reward.batch_wait_s))
         self.pid = os.getpid()
         self.incarnation = f"{self.pid}-{time.time():.6f}"
-        self.node_id = _node_id()
+        self.node_id = node_id()
         self._cache: OrderedDict[str, tuple[pa.RecordBatch, dict]] = OrderedDict()
         self._cache_size = int(cache_size)
         self._pending: list[tuple[pa.RecordBatch, asyncio.Future, float]] = []
@@ -219,16 +220,6 @@ class RewardWorker:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
-
-def _node_id() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    except Exception:
-        pass
-    return socket.gethostname()
 
 
 class _RewardMetrics:

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
     metrics["captioner_greedy_test"] = evaluate_saved_captioner(out / "captioner", out / "eval_clip", root / "test.parquet")
     print("captioner", metrics["captioner_greedy_test"], flush=True)
-    timings["total"] = sum(v for k, v in timings.items() if k in MODELS)
+    timings["total"] = sum(v for k, v in timings.items() if k in MODELS and v is not None)
     metrics["seconds"] = timings
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'metrics.json'} in {time.time() - t_start:.0f}s")

@@ -62,8 +62,8 @@ def _sample_negatives(weights: torch.Tensor, gen: torch.Generator) -> torch.Tens
     return torch.multinomial(weights + 1e-8, 1, generator=gen).squeeze(1)
 
 
-def train_itm(train: SplitTensors, tokenizer: PreTrainedTokenizerBase, *, seed: int, steps: int, batch_size: int = 96,
-              lr: float = 5e-4, warmup: int = 100) -> Blip2ForImageTextRetrieval:
+def train_itm(train: SplitTensors, tokenizer: PreTrainedTokenizerBase, *, seed: int, steps: int, batch_size: int = 128,
+              lr: float = 1e-3, warmup: int = 100) -> Blip2ForImageTextRetrieval:
     gen = seed_everything(seed)
     model = Blip2ForImageTextRetrieval(itm_config(tokenizer, image_size=train.images.shape[-1]))
     init_query_tokens(model)
