@@ -844,7 +844,7 @@ def run_distributed(cfg: RunConfig, resume: str | Path | None = None, *,
         accounting = dist.acc.as_dict() | {
             "mode": cfg.mode, "steps": step - start_step, "final_step": step, "train_seconds": train_seconds,
             "learner_totals": learner_info["totals"], "nodes": dist.nodes,
-            "weight_push_latency_s": _summary(dist.push_latencies), "weight_load_s": _summary(dist.weight_load_s),
+            "weight_push_latency_s": summarize(dist.push_latencies), "weight_load_s": summarize(dist.weight_load_s),
         }
         write_json(accounting, ctx.dir / ACCOUNTING_FILE)
         summary = {"steps": step, "train_seconds": train_seconds, "policy_version": learner_info["version"],
@@ -883,7 +883,8 @@ def _infos(actors: list) -> list[dict]:
     return out
 
 
-def _summary(xs: list[float]) -> dict | None:
+def summarize(xs: list[float]) -> dict | None:
+    """n, mean, p50, p90 and max of a list of latencies (None when empty)."""
     if not xs:
         return None
     a = np.asarray(xs, dtype=float)

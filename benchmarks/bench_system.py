@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from actors.system import summarize  # noqa: E402
 from vlrm.config import RunConfig, load_config, resolve  # noqa: E402
 
 
@@ -147,14 +148,6 @@ def fmt_latency(s: dict | None) -> tuple[str, str]:
     if not s:
         return "n/a", ""
     return f"{s['mean'] * 1e3:.0f} ms", f"p50 {s['p50'] * 1e3:.0f} / p90 {s['p90'] * 1e3:.0f} / max {s['max'] * 1e3:.0f} ms (n={s['n']})"
-
-
-def summarize(xs: list[float]) -> dict | None:
-    if not xs:
-        return None
-    v = np.asarray(xs, dtype=float)
-    return {"n": int(v.size), "mean": float(v.mean()), "p50": float(np.percentile(v, 50)),
-            "p90": float(np.percentile(v, 90)), "max": float(v.max())}
 
 
 # --------------------------------------------------------------------------------------

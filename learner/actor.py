@@ -296,7 +296,6 @@ def _resolve(batches: Sequence[Any]) -> list[pa.RecordBatch]:
     return out
 
 
-
 class _LearnerMetrics:
     def __init__(self):
         self.tags = {"role": "learner", "actor": "learner"}

@@ -221,7 +221,6 @@ class RewardWorker:
             self._cache.popitem(last=False)
 
 
-
 class _RewardMetrics:
     def __init__(self, actor_id: str):
         self.tags = {"role": "reward", "actor": actor_id}

@@ -6,8 +6,9 @@
    Q-Former, query tokens, language projection and LM learn by MLE on the *human captions only*
    (``train_vision=False, train_lm=False`` freeze them as BLIP-2 does; our tiny stage 1 is too
    short to give a vision tower worth freezing, and a 2-layer LM cannot read a soft prompt it was
-   never trained with: with both frozen, 500 steps gave "a square" for every image). The captioner has an LM able
-   to say everything, but has learned to write short, biased captions: the gap RL closes.
+   never trained with: with both frozen, 500 steps gave "a square" for every image). The
+   captioner has an LM able to say everything, but has learned to write short, biased captions:
+   the gap RL closes.
 """
 from __future__ import annotations
 
