@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from rewards.combine import unique_images
+from rewards.combine import check_pairing, unique_images
 
 __all__ = ["ClipReward", "resolve_clip_spec", "to_pil"]
 
@@ -245,10 +245,7 @@ class ClipReward:
         and ``images[image_index[i]]`` pairs with ``captions[i]``.
         """
         captions = list(captions)
-        if image_index is None and len(images) != len(captions):
-            raise ValueError(f"{len(images)} images for {len(captions)} captions (pass image_index to share images)")
-        if image_index is not None and len(image_index) != len(captions):
-            raise ValueError(f"image_index has {len(image_index)} entries for {len(captions)} captions")
+        check_pairing(images, captions, image_index)
         if not captions:
             self.last_truncated = 0
             return torch.zeros(0, dtype=torch.float32)

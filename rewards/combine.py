@@ -92,6 +92,15 @@ class RewardOutput:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+def check_pairing(images: Sequence[Any], captions: Sequence[str], image_index: Sequence[int] | torch.Tensor | None) -> None:
+    """Raise ``ValueError`` unless every caption has an image: one image per caption, or an
+    ``image_index`` entry per caption."""
+    if image_index is None and len(images) != len(captions):
+        raise ValueError(f"{len(images)} images for {len(captions)} captions (pass image_index to share images)")
+    if image_index is not None and len(image_index) != len(captions):
+        raise ValueError(f"image_index has {len(image_index)} entries for {len(captions)} captions")
+
+
 def unique_images(images: Sequence[Any], image_index: Sequence[int] | torch.Tensor | None = None) -> tuple[list[Any], list[int]]:
     """``(unique, index)`` with ``images[i] is unique[index[i]]`` (expanded form).
 

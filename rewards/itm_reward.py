@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from rewards.clip_reward import to_pil
-from rewards.combine import unique_images
+from rewards.combine import check_pairing, unique_images
 
 __all__ = ["ItmReward"]
 
@@ -163,10 +163,7 @@ class ItmReward:
     ) -> torch.Tensor:
         """``FloatTensor[N]`` (CPU): ITM positive logit of each (image, caption) pair."""
         captions = list(captions)
-        if image_index is None and len(images) != len(captions):
-            raise ValueError(f"{len(images)} images for {len(captions)} captions (pass image_index to share images)")
-        if image_index is not None and len(image_index) != len(captions):
-            raise ValueError(f"image_index has {len(image_index)} entries for {len(captions)} captions")
+        check_pairing(images, captions, image_index)
         if not captions:
             self.last_truncated = 0
             return torch.zeros(0, dtype=torch.float32)
