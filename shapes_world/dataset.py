@@ -26,6 +26,8 @@ SCHEMA = pa.schema([
     ("alt_texts", pa.list_(pa.string())),
 ])
 DEFAULT_SIZES = {"train": 20000, "val": 1000, "test": 1000}
+# Bumped whenever the generator's output changes, so that an older world on disk is regenerated.
+WORLD_FORMAT = "shapes-world/2"
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -66,7 +68,7 @@ def write_world(root: str | Path, seed: int = 0, image_size: int = 64, sizes: di
         table = generate_split(split, sizes[split], seed=seed, image_size=image_size)
         paths[split] = root / f"{split}.parquet"
         pq.write_table(table, paths[split])
-    meta = {"seed": seed, "image_size": image_size, "sizes": sizes, "format": "shapes-world/1"}
+    meta = {"seed": seed, "image_size": image_size, "sizes": sizes, "format": WORLD_FORMAT}
     (root / "meta.json").write_text(json.dumps(meta, indent=2))
     return paths
 
@@ -74,7 +76,7 @@ def write_world(root: str | Path, seed: int = 0, image_size: int = 64, sizes: di
 def ensure_world(root: str | Path, seed: int = 0, image_size: int = 64, sizes: dict[str, int] | None = None) -> Path:
     """Generate the world under ``root`` unless an identical one is already there."""
     root = Path(root)
-    want = {"seed": seed, "image_size": image_size, "sizes": {**DEFAULT_SIZES, **(sizes or {})}, "format": "shapes-world/1"}
+    want = {"seed": seed, "image_size": image_size, "sizes": {**DEFAULT_SIZES, **(sizes or {})}, "format": WORLD_FORMAT}
     meta = root / "meta.json"
     if meta.exists() and json.loads(meta.read_text()) == want and all((root / f"{s}.parquet").exists() for s in DEFAULT_SIZES):
         return root

@@ -145,11 +145,15 @@ def _counted(shape: str, n: int, modifier: str = "") -> str:
 
 
 def human_caption(scene: Scene, rng: np.random.Generator, p_color: float = 0.2,
-                  p_size: float = 0.25, p_position: float = 0.1) -> str:
+                  p_size: float = 0.25, p_position: float = 0.1, p_second_detail: float = 0.15,
+                  p_background: float = 0.1) -> str:
     """A short, biased caption: shapes and counts; colours, sizes, positions only sometimes.
 
     Whatever it says is true of the scene (the bias is omission, not error), so a captioner
-    trained on these learns grounded colour/size/position words it rarely uses.
+    trained on these learns grounded colour/size/position words it rarely uses. A detailed
+    caption gives one kind of detail per object, now and then a second kind
+    (``p_second_detail``) and the background (``p_background``): rare, as in COCO, but a mode
+    the captioner can sample and RL can make common.
     """
     n = len(scene.objects)
     style = rng.random()
@@ -158,18 +162,21 @@ def human_caption(scene: Scene, rng: np.random.Generator, p_color: float = 0.2,
         return f"{NUMBER_WORDS[n]} {noun}" if n > 1 else f"a single {scene.objects[0].shape}"
     if style < 0.3 and n > 1:
         return f"some shapes on a {scene.background} background" if rng.random() < 0.3 else "some shapes"
-    if rng.random() < p_color + p_size + p_position:
-        # Describe the objects one by one with one kind of detail.
-        kind = rng.choice(["color", "size", "position"], p=np.array([p_color, p_size, p_position]) / (p_color + p_size + p_position))
+    p_detail = np.array([p_color, p_size, p_position])
+    if rng.random() < p_detail.sum():
+        kinds = ["color", "size", "position"]
+        chosen = {kinds[rng.choice(3, p=p_detail / p_detail.sum())]}
+        if rng.random() < p_second_detail:
+            chosen.add(kinds[rng.choice(3, p=p_detail / p_detail.sum())])
         parts = []
         for o in scene.objects:
-            if kind == "color":
-                parts.append(f"{_article(o.color)} {o.color} {o.shape}")
-            elif kind == "size":
-                parts.append(f"{_article(o.size)} {o.size} {o.shape}")
-            else:
-                parts.append(f"{_article(o.shape)} {o.shape} at the {o.position}")
-        return _join(parts)
+            words = [o.size] if "size" in chosen else []
+            words += [o.color] if "color" in chosen else []
+            phrase = " ".join(words + [o.shape])
+            phrase = f"{_article(phrase)} {phrase}"
+            parts.append(phrase + (f" at the {o.position}" if "position" in chosen else ""))
+        text = _join(parts)
+        return text + f" on a {scene.background} background" if rng.random() < p_background else text
     counts = _shape_counts(scene)
     return _join([_counted(s, c) for s, c in counts.items()])
 

@@ -22,8 +22,12 @@ def test_pretrain_smoke_writes_all_models_and_metrics(tiny_world, tmp_path):
                 "attribute_precision", "attribute_recall", "evaluator", "gallery_size"):
         assert key in cap
     assert cap["gallery_size"] == 32
-    Blip2ForConditionalGeneration.from_pretrained(str(out / "captioner"))
-    Blip2ForImageTextRetrieval.from_pretrained(str(out / "reward_itm"))
+    captioner = Blip2ForConditionalGeneration.from_pretrained(str(out / "captioner"))
+    itm = Blip2ForImageTextRetrieval.from_pretrained(str(out / "reward_itm"))
+    # Both start from the stage-0 vision tower and keep it frozen, as BLIP-2 does.
+    assert "vision" in metrics
+    for key, value in itm.vision_model.state_dict().items():
+        assert torch.equal(value, captioner.vision_model.state_dict()[key]), key
 
 
 def test_clip_save_load_round_trip(tmp_path):

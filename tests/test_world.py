@@ -85,6 +85,11 @@ def test_human_captions_are_true_short_and_rarely_coloured():
     assert attribute_scores(caps, scenes)["attribute_precision"] == 1.0
     coloured = np.mean([any(w in COLOR_WORDS for w in words(c)) for c in caps])
     assert 0.05 < coloured < 0.35
+    # Two kinds of detail at once (here: a colour and a size) are rare but present, so a
+    # captioner can sample them and RL can make them common.
+    mentions = [{m[0] for m in parse_caption(c)} for c in caps]
+    combined = np.mean([{"color", "size"} <= kinds for kinds in mentions])
+    assert 0.0 < combined < 0.1
     alt = [r["alt_texts"][0] for r in t]
     assert np.mean([len(words(a)) for a in alt]) > 2 * np.mean([len(words(c)) for c in caps])
     assert np.mean([any(w in COLOR_WORDS for w in words(a)) for a in alt]) == 1.0

@@ -2,22 +2,21 @@
 
 1. The OPT language model is pretrained as a plain LM on all the world's text (human captions and
    alt-text), as real OPT knows English beyond COCO.
-2. BLIP-2 stage 2: vision tower and Q-Former start from the stage-1 ITM model; vision tower,
-   Q-Former, query tokens, language projection and LM learn by MLE on the *human captions only*
-   (``train_vision=False, train_lm=False`` freeze them as BLIP-2 does; our tiny stage 1 is too
-   short to give a vision tower worth freezing, and a 2-layer LM cannot read a soft prompt it was
-   never trained with: with both frozen, 500 steps gave "a square" for every image). The
-   captioner has an LM able to say everything, but has learned to write short, biased captions:
-   the gap RL closes.
+2. BLIP-2 stage 2: the vision tower is the stage-0 one (``vision.py``), frozen as in BLIP-2; the
+   Q-Former and query tokens start from the stage-1 ITM model; Q-Former, query tokens, language
+   projection and LM learn by MLE on the *human captions only* (``train_lm=False`` freezes the LM
+   as BLIP-2 does, but a 2-layer LM cannot read a soft prompt it was never trained with: with it
+   frozen, 500 steps gave "a square" for every image). The captioner has an LM able to say
+   everything, but has learned to write short, biased captions: the gap RL closes.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, OPTForCausalLM, PreTrainedTokenizerBase
+from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2VisionModel, OPTForCausalLM, PreTrainedTokenizerBase
 
 from shapes_world.models import captioner_config
-from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, normalize, seed_everything
+from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, normalize, seed_everything, vision_embeds
 
 
 def caption_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,21 +71,15 @@ def caption_loss(model: Blip2ForConditionalGeneration, img_embeds: torch.Tensor,
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
-@torch.no_grad()
-def vision_embeds(vision_model, images_u8: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    return torch.cat([vision_model(pixel_values=normalize(images_u8[i:i + batch])).last_hidden_state
-                      for i in range(0, len(images_u8), batch)])
-
-
-def train_captioner(train: SplitTensors, tokenizer, itm: Blip2ForImageTextRetrieval, *, seed: int, lm_steps: int,
-                    steps: int, batch_size: int = 128, lr: float = 1e-3, train_lm: bool = True,
-                    train_vision: bool = True) -> Blip2ForConditionalGeneration:
+def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, itm: Blip2ForImageTextRetrieval, *, seed: int,
+                    lm_steps: int, steps: int, batch_size: int = 128, lr: float = 1e-3, train_lm: bool = True,
+                    train_vision: bool = False) -> Blip2ForConditionalGeneration:
     config = captioner_config(tokenizer, image_size=train.images.shape[-1])
     texts = [t for caps in train.captions for t in caps] + [t for alts in train.alt_texts for t in alts]
     lm = pretrain_lm(texts, tokenizer, config, seed=seed, steps=lm_steps)
     gen = seed_everything(seed + 1)
     model = Blip2ForConditionalGeneration(config)
-    model.vision_model.load_state_dict(itm.vision_model.state_dict())
+    model.vision_model.load_state_dict(vision.state_dict())
     model.qformer.load_state_dict(itm.qformer.state_dict(), strict=False)  # ITM's text-only layers are unused here
     model.query_tokens.data.copy_(itm.query_tokens.data)
     model.language_model.load_state_dict(lm.state_dict())

@@ -67,9 +67,9 @@ def encode_images(model, images_u8: torch.Tensor, batch: int = 500) -> torch.Ten
 
 
 def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, batch_size: int = 256,
-               lr: float = 1e-3, warmup: int = 100, name: str = "clip") -> open_clip.CLIP:
+               lr: float = 1e-3, warmup: int = 100, name: str = "clip", build=build_clip) -> open_clip.CLIP:
     gen = seed_everything(seed)
-    model = build_clip(model_cfg)
+    model = build(model_cfg)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_cfg["text_cfg"]["context_length"])
     # Tokenise every alt-text once; a step then just indexes.
     n, k = len(train.alt_texts), len(train.alt_texts[0])

@@ -73,3 +73,10 @@ class Progress:
             self.last = now
             vals = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             print(f"[{self.name}] step {step + 1}/{self.total} {vals} ({now - self.start:.0f}s)", flush=True)
+
+
+@torch.no_grad()
+def vision_embeds(vision_model, images_u8: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Outputs of a frozen vision tower over a whole split, computed once."""
+    return torch.cat([vision_model(pixel_values=normalize(images_u8[i:i + batch])).last_hidden_state
+                      for i in range(0, len(images_u8), batch)])
