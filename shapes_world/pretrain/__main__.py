@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     from shapes_world.pretrain.itm import itm_rank_accuracy, train_itm
     from shapes_world.pretrain.vision import STAGE0_CLIP, build_stage0
 
+    # The saved ITM model holds the stage-0 tower and the stage-1 Q-Former: read once, if needed.
+    saved_itm = (Blip2ForImageTextRetrieval.from_pretrained(str(out / "reward_itm"))
+                 if only & {"reward_itm", "captioner"} and not only >= {"vision", "reward_itm"} else None)
     if "vision" in only:
         t0 = time.time()
         stage0 = train_clip(train, STAGE0_CLIP, seed=SEEDS["vision"], steps=steps["vision"], name="vision", build=build_stage0)
@@ -98,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics["vision"] = clip_alt_text_metrics(stage0, test)
         timings["vision"] = time.time() - t0
         print("vision", metrics["vision"], flush=True)
-    elif only & {"reward_itm", "captioner"}:
-        vision = Blip2ForImageTextRetrieval.from_pretrained(str(out / "reward_itm")).vision_model
+    elif saved_itm is not None:
+        vision = saved_itm.vision_model
 
     if "reward_itm" in only:
         t0 = time.time()
@@ -108,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics["reward_itm"] = itm_rank_accuracy(itm, tokenizer, test.images, [a[0] for a in test.alt_texts])
         timings["reward_itm"] = time.time() - t0
         print("reward_itm", metrics["reward_itm"], flush=True)
-    elif "captioner" in only:
-        itm = Blip2ForImageTextRetrieval.from_pretrained(str(out / "reward_itm"))
+    else:
+        itm = saved_itm
 
     from shapes_world.pretrain.captioner import train_captioner
 

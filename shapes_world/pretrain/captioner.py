@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2VisionModel, OPTForCausalLM, PreTrainedTokenizerBase
 
 from shapes_world.models import captioner_config
-from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, normalize, seed_everything, vision_embeds
+from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, seed_everything, vision_embeds
 
 
 def caption_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +72,8 @@ def caption_loss(model: Blip2ForConditionalGeneration, img_embeds: torch.Tensor,
 
 
 def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, itm: Blip2ForImageTextRetrieval, *, seed: int,
-                    lm_steps: int, steps: int, batch_size: int = 128, lr: float = 1e-3, train_lm: bool = True,
-                    train_vision: bool = False) -> Blip2ForConditionalGeneration:
+                    lm_steps: int, steps: int, batch_size: int = 128, lr: float = 1e-3,
+                    train_lm: bool = True) -> Blip2ForConditionalGeneration:
     config = captioner_config(tokenizer, image_size=train.images.shape[-1])
     texts = [t for caps in train.captions for t in caps] + [t for alts in train.alt_texts for t in alts]
     lm = pretrain_lm(texts, tokenizer, config, seed=seed, steps=lm_steps)
@@ -83,11 +83,9 @@ def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, it
     model.qformer.load_state_dict(itm.qformer.state_dict(), strict=False)  # ITM's text-only layers are unused here
     model.query_tokens.data.copy_(itm.query_tokens.data)
     model.language_model.load_state_dict(lm.state_dict())
-    frozen = (() if train_vision else (model.vision_model,)) + (() if train_lm else (model.language_model,))
-    for module in frozen:
+    for module in (model.vision_model,) + (() if train_lm else (model.language_model,)):
         module.requires_grad_(False)
-    # A frozen vision tower is run once over the data; a trained one at every step.
-    embeds = None if train_vision else vision_embeds(model.vision_model, train.images)
+    embeds = vision_embeds(model.vision_model, train.images)  # frozen: computed once
     n, k = len(train.captions), len(train.captions[0])
     ids_all, labels_all = caption_ids(tokenizer, [c for caps in train.captions for c in caps])
     ids_all, labels_all = ids_all.view(n, k, -1), labels_all.view(n, k, -1)
@@ -101,8 +99,7 @@ def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, it
         rows = torch.randint(0, n, (batch_size,), generator=gen)
         which = torch.randint(0, k, (batch_size,), generator=gen)
         ids, labels = _batch(ids_all[rows, which], labels_all[rows, which], torch.arange(batch_size))
-        img = model.vision_model(pixel_values=normalize(train.images[rows])).last_hidden_state if embeds is None else embeds[rows]
-        loss = caption_loss(model, img, ids, labels, tokenizer.pad_token_id)
+        loss = caption_loss(model, embeds[rows], ids, labels, tokenizer.pad_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import Blip2ForImageTextRetrieval, Blip2VisionModel, PreTrainedTokenizerBase
 
 from shapes_world.models import itm_config
-from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, normalize, seed_everything, vision_embeds
+from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, seed_everything, vision_embeds
 
 ITC_TEMPERATURE = 0.07
 
@@ -26,10 +26,6 @@ def tokenize_all(tokenizer: PreTrainedTokenizerBase, texts: list[list[str]]) -> 
     n, k = len(texts), len(texts[0])
     enc = tokenizer([t for group in texts for t in group], padding=True, return_tensors="pt")
     return enc.input_ids.view(n, k, -1), enc.attention_mask.view(n, k, -1)
-
-
-def image_embeds(model: Blip2ForImageTextRetrieval, pixel_values: torch.Tensor) -> torch.Tensor:
-    return model.vision_model(pixel_values=pixel_values).last_hidden_state
 
 
 def itc_image_feats(model, img_embeds: torch.Tensor) -> torch.Tensor:
@@ -94,7 +90,7 @@ def train_itm(train: SplitTensors, tokenizer: PreTrainedTokenizerBase, vision: B
         keep = mask.sum(0) > 0
         ids, mask = ids[:, keep], mask[:, keep]
         emb = embeds[idx]
-        use_itc = not phases[0] * steps <= step < (phases[0] + phases[1]) * steps
+        use_itc = not (phases[0] * steps <= step < (phases[0] + phases[1]) * steps)  # off in the ITM-alone phase
         use_itm = step >= phases[0] * steps
         with torch.set_grad_enabled(use_itc):
             img_f, txt_f = itc_image_feats(model, emb), itc_text_feats(model, ids, mask)
@@ -134,12 +130,8 @@ def itm_rank_accuracy(model, tokenizer, images_u8: torch.Tensor, texts: list[str
     text, ITM re-ranks the ITC top ``shortlist`` (BLIP-2's retrieval protocol). Returns the share
     of images whose own text ranks first, by ITC and by ITM."""
     enc = tokenizer(texts, padding=True, return_tensors="pt")
-    embs, img_fs = [], []
-    for i in range(0, len(images_u8), batch):
-        e = image_embeds(model, normalize(images_u8[i:i + batch]))
-        embs.append(e)
-        img_fs.append(itc_image_feats(model, e))
-    emb, img_f = torch.cat(embs), torch.cat(img_fs)
+    emb = vision_embeds(model.vision_model, images_u8, batch)
+    img_f = torch.cat([itc_image_feats(model, emb[i:i + batch]) for i in range(0, len(emb), batch)])
     txt_f = torch.cat([itc_text_feats(model, enc.input_ids[i:i + batch], enc.attention_mask[i:i + batch])
                        for i in range(0, len(texts), batch)])
     sim = torch.einsum("iqd,td->itq", img_f, txt_f).max(-1).values
