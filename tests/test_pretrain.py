@@ -17,6 +17,9 @@ def test_pretrain_smoke_writes_all_models_and_metrics(tiny_world, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("reward_clip", "eval_clip", "reward_itm", "captioner_greedy_test"):
         assert name in metrics
+    # ITC rank, ITM re-rank and LAVIS's ITM + ITC re-rank, each a share of the 32 test images
+    assert set(metrics["reward_itm"]) == {"itc_top1", "itm_top1", "itm_itc_top1"}
+    assert all(0 <= v <= 1 and abs(v * 32 - round(v * 32)) < 1e-4 for v in metrics["reward_itm"].values())
     cap = metrics["captioner_greedy_test"]
     for key in ("clip_recall@1", "clip_recall@5", "clip_recall@10", "mean_words", "color_word_rate",
                 "attribute_precision", "attribute_recall", "evaluator", "gallery_size"):
@@ -45,3 +48,28 @@ def test_clip_save_load_round_trip(tmp_path):
         # weights are stored in fp16: equal up to that rounding
         assert torch.allclose(model.encode_text(text), loaded.encode_text(text), atol=2e-2)
         assert torch.allclose(model.encode_image(img), loaded.encode_image(img), atol=2e-2)
+
+
+def test_trimmed_text_encoding_equals_open_clip_and_its_gradients():
+    """Training encodes text over the longest text in the batch, not the whole 77-token context:
+    the embeddings and the gradients must be those of open_clip's own encode_text."""
+    from shapes_world.pretrain.clip import encode_text_trimmed
+
+    torch.manual_seed(0)
+    cfg = CLIP_CONFIGS["evaluator"]
+    tok = open_clip.get_tokenizer("ViT-B-32", context_length=cfg["text_cfg"]["context_length"])
+    text = tok(["a small red circle at the top left and a large blue cross on the right, on a white background",
+                "a square", "two shapes"])
+    assert int((text != 0).sum(1).max()) < text.shape[1]  # there is padding to skip
+    grads = []
+    for encode in (lambda m: m.encode_text(text, normalize=True), lambda m: encode_text_trimmed(m, text)):
+        torch.manual_seed(1)
+        model = build_clip(cfg)
+        out = encode(model)
+        (out * torch.arange(out.shape[1])).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, g_full), (trim, g_trim) = grads
+    assert torch.allclose(full, trim, atol=1e-5)
+    assert g_full.keys() == g_trim.keys()
+    for name, g in g_full.items():  # equal up to float rounding (sums taken in another order)
+        assert torch.allclose(g, g_trim[name], rtol=1e-4, atol=1e-6 * float(g.abs().max())), name

@@ -2,8 +2,9 @@
 
     python -m shapes_world.pretrain --data data/shapes --out models/shapes
 
-Each model comes from a fixed seed; the run takes about 34 minutes on 2 CPU cores and writes
-``<out>/metrics.json``, which the committed models' numbers in BENCHMARKS.md come from.
+Each model comes from a fixed seed; the run takes about 24 minutes on 2 CPU cores (with data
+generation) and writes ``<out>/metrics.json``, which the committed models' numbers in
+BENCHMARKS.md come from.
 """
 from __future__ import annotations
 

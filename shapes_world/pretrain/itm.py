@@ -110,7 +110,7 @@ def train_itm(train: SplitTensors, tokenizer: PreTrainedTokenizerBase, vision: B
 
 def _itm_loss(model, emb: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, sim: torch.Tensor,
               gen: torch.Generator) -> torch.Tensor:
-    """ITM cross-entropy over each positive pair and two negatives mined by ITC similarity."""
+    """ITM cross-entropy over each positive pair and two negatives drawn from softmax(``sim``)."""
     batch_size = len(ids)
     with torch.no_grad():
         neg_txt = _sample_negatives(sim.softmax(1), gen)
@@ -126,9 +126,11 @@ def _itm_loss(model, emb: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, s
 @torch.no_grad()
 def itm_rank_accuracy(model, tokenizer, images_u8: torch.Tensor, texts: list[str], shortlist: int = 16,
                       batch: int = 250) -> dict[str, float]:
-    """Image -> text ranking among all ``texts`` (texts[i] belongs to image i): ITC ranks every
-    text, ITM re-ranks the ITC top ``shortlist`` (BLIP-2's retrieval protocol). Returns the share
-    of images whose own text ranks first, by ITC and by ITM."""
+    """Image -> text ranking among all ``texts`` (texts[i] belongs to image i), BLIP-2's retrieval
+    protocol: ITC ranks every text, then the ITC top ``shortlist`` are re-ranked by the ITM
+    positive logit plus the ITC cosine (as LAVIS scores them). Returns the share of images whose
+    own text ranks first by ITC (``itc_top1``), by the ITM logit alone (``itm_top1``) and by
+    their sum (``itm_itc_top1``)."""
     enc = tokenizer(texts, padding=True, return_tensors="pt")
     emb = vision_embeds(model.vision_model, images_u8, batch)
     img_f = torch.cat([itc_image_feats(model, emb[i:i + batch]) for i in range(0, len(emb), batch)])
@@ -136,10 +138,11 @@ def itm_rank_accuracy(model, tokenizer, images_u8: torch.Tensor, texts: list[str
                        for i in range(0, len(texts), batch)])
     sim = torch.einsum("iqd,td->itq", img_f, txt_f).max(-1).values
     itc_top1 = (sim.argmax(1) == torch.arange(len(texts))).float().mean().item()
-    top = sim.topk(shortlist, dim=1).indices  # [N, s]
-    hits = 0
+    top_sim, top = sim.topk(shortlist, dim=1)  # [N, s]
+    hits_itm = hits_sum = 0
     for i in range(len(texts)):
         cand = top[i]
         logits = itm_logits(model, emb[i:i + 1].expand(shortlist, -1, -1), enc.input_ids[cand], enc.attention_mask[cand])[:, 1]
-        hits += int(cand[logits.argmax()] == i)
-    return {"itc_top1": itc_top1, "itm_top1": hits / len(texts)}
+        hits_itm += int(cand[logits.argmax()] == i)
+        hits_sum += int(cand[(logits + top_sim[i]).argmax()] == i)
+    return {"itc_top1": itc_top1, "itm_top1": hits_itm / len(texts), "itm_itc_top1": hits_sum / len(texts)}
