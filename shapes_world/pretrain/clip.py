@@ -71,7 +71,7 @@ def encode_text_trimmed(model: open_clip.CLIP, text: torch.Tensor) -> torch.Tens
     """``model.encode_text(text, normalize=True)`` over the first L positions only, L = the longest
     text in the batch. The same result: attention is causal and each text is pooled at its EOT
     token, so the padding after it never reaches the output; open_clip always runs the whole
-    context (77 positions), about twice the work for our alt-texts (at most 42 tokens)."""
+    context (64 or 77 positions here), up to twice the work for our alt-texts (at most 42 tokens)."""
     length = int((text != 0).sum(1).max())  # open_clip pads with 0
     text = text[:, :length]
     x = model.token_embedding(text) + model.positional_embedding[:length]
