@@ -4,6 +4,14 @@
 where ``logit_scale`` is the model's learned temperature (``exp`` of its ``logit_scale``
 parameter; 100 for OpenAI's CLIP). Models with a learned ``logit_bias`` (SigLIP) add it.
 
+**Contrastive variant** (``contrast="batch"``, not the paper's default): the reward becomes the
+log-probability that the caption retrieves its own image among the distinct images of the call,
+``s(i, own) - logsumexp_j s(i, image_j)`` (<= 0). Words true of every image ("a shape", any
+colour word that makes a caption look like CLIP's alt-text) raise ``s`` for all images alike and
+earn nothing; only what tells the image apart from the others is paid. The negatives are the
+other images of the batch (a reward actor merging requests scores them together, so more
+negatives); with a single image the reward is 0.
+
 Which model (``model_spec``):
 
 * a local open_clip directory holding ``open_clip_config.json`` + weights (``local-dir:`` layout,
@@ -113,6 +121,8 @@ class ClipReward:
         precision: open_clip precision (``"fp32"``, ``"fp16"``, ``"bf16"``, ...).
         cache_dir: download cache for hub / pretrained-tag models.
         name: logging key.
+        contrast: ``"none"`` (the similarity itself) or ``"batch"`` (log-probability of retrieving
+            the caption's own image among the call's images; see the module docstring).
 
     Attributes:
         model, preprocess, tokenizer: the open_clip objects.
@@ -130,11 +140,15 @@ class ClipReward:
         precision: str = "fp32",
         cache_dir: str | None = None,
         name: str = "clip",
+        contrast: str = "none",
     ) -> None:
         import open_clip
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if contrast not in ("none", "batch"):
+            raise ValueError(f"contrast must be 'none' or 'batch', got {contrast!r}")
+        self.contrast = contrast
         model_name, pretrained = resolve_clip_spec(model_spec)
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, precision=precision, device=device, cache_dir=cache_dir
@@ -239,7 +253,8 @@ class ClipReward:
         captions: Sequence[str],
         image_index: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``FloatTensor[N]`` (CPU): ``logit_scale * cos(image, prefix + caption)`` per caption.
+        """``FloatTensor[N]`` (CPU): ``logit_scale * cos(image, prefix + caption)`` per caption
+        (with ``contrast="batch"``: minus the logsumexp of that over all images of the call).
 
         ``images[i]`` pairs with ``captions[i]``; or, with ``image_index``, ``images`` are unique
         and ``images[image_index[i]]`` pairs with ``captions[i]``.
@@ -252,8 +267,11 @@ class ClipReward:
         uniq, index = unique_images(images, image_index)
         img = self.encode_images(uniq)
         txt = self.encode_texts(captions)
-        img = img[torch.tensor(index, device=img.device)]
-        cos = (img * txt).sum(-1)
+        own = torch.tensor(index, device=img.device)
+        if self.contrast == "batch":
+            sims = self.logit_scale * txt @ img.t() + self.logit_bias  # [N captions, U images]
+            return (sims.gather(1, own[:, None])[:, 0] - torch.logsumexp(sims, dim=1)).float().cpu()
+        cos = (img[own] * txt).sum(-1)
         return (self.logit_scale * cos + self.logit_bias).float().cpu()
 
     def similarity_matrix(self, images: Sequence[Any], captions: Sequence[str]) -> torch.Tensor:

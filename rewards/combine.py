@@ -259,7 +259,7 @@ RewardFactory = Callable[[Any, str, str], Callable]
 def _clip(cfg: Any, captioner_path: str, device: str) -> Callable:
     from rewards.clip_reward import ClipReward
 
-    return ClipReward(cfg.clip_path, device=device, prompt_prefix=cfg.clip_prompt_prefix)
+    return ClipReward(cfg.clip_path, device=device, prompt_prefix=cfg.clip_prompt_prefix, contrast=cfg.clip_contrast)
 
 
 def _itm(cfg: Any, captioner_path: str, device: str) -> Callable:

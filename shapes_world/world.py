@@ -107,6 +107,24 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}")
 
 
+# ----------------------------------------------------------------------------- per-cell ground truth
+CELL_ATTRIBUTES = {"shape": list(SHAPES), "color": list(COLORS), "size": list(SIZES)}
+
+
+def cell_labels(scenes: list[dict]) -> dict:
+    """``{attribute: LongTensor[N, 9]}`` for scenes as dicts: the value index of the object in
+    each grid cell, or ``len(values)`` ("empty") where the cell holds none."""
+    import torch
+
+    out = {a: torch.full((len(scenes), len(POSITIONS)), len(v)) for a, v in CELL_ATTRIBUTES.items()}
+    for i, scene in enumerate(scenes):
+        for o in scene["objects"]:
+            cell = POSITIONS.index(o["position"])
+            for a, values in CELL_ATTRIBUTES.items():
+                out[a][i, cell] = values.index(o[a])
+    return out
+
+
 def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")

@@ -82,6 +82,24 @@ def test_clip_image_dedupe_same_values(clip_reward, monkeypatch):
         clip_reward(imgs, caps, image_index=[0, 0, 0, 1, 1, 2])
 
 
+def test_clip_contrastive_is_log_prob_of_own_image(clip_reward, tiny_clip_dir):
+    from rewards.clip_reward import ClipReward
+
+    contrastive = ClipReward(str(tiny_clip_dir), prompt_prefix="a picture of ", contrast="batch")
+    imgs = _images(3, seed=2)
+    caps = ["a red circle", "a blue square", "two shapes", "a green star"]
+    index = [0, 1, 2, 2]
+    sims = clip_reward.similarity_matrix(imgs, caps)  # [4 captions, 3 images]
+    want = torch.log_softmax(sims, dim=1)[torch.arange(4), torch.tensor(index)]
+    got = contrastive(imgs, caps, image_index=index)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got <= 0).all()
+    # one image: nothing to tell apart, so nothing to earn
+    assert contrastive(imgs[:1], caps[:2], image_index=[0, 0]).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="contrast"):
+        ClipReward(str(tiny_clip_dir), contrast="bank")
+
+
 def test_clip_spec_errors(tmp_path):
     from rewards.clip_reward import resolve_clip_spec
 

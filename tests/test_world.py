@@ -122,3 +122,26 @@ def test_attribute_scores_hand_case():
     # facts: background + 4 per object = 9; covered: circle shape, circle colour, square shape
     assert s["attribute_recall"] == pytest.approx(3 / 9)
     assert attribute_scores([full_description(scene)], [scene])["attribute_recall"] == 1.0
+
+
+def test_cell_probe_reads_informative_features_and_not_noise():
+    import torch
+    import torch.nn.functional as F
+
+    from shapes_world.probe import probe_cells
+    from shapes_world.world import CELL_ATTRIBUTES, cell_labels
+    from shapes_world.world import sample_scene
+
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng).to_dict() for _ in range(600)]
+    labels = cell_labels(scenes)
+    assert labels["shape"].shape == (600, 9)
+    assert ((labels["shape"] == len(SHAPES)).sum(1) == 9 - torch.tensor([len(s["objects"]) for s in scenes])).all()
+    # one-hot of the ground truth: a linear probe reads it perfectly; noise: about chance
+    onehot = torch.cat([F.one_hot(labels[a], len(v) + 1).flatten(1).float() for a, v in CELL_ATTRIBUTES.items()], 1)
+    noise = torch.randn(600, onehot.shape[1], generator=torch.Generator().manual_seed(0))
+    good = probe_cells(onehot[:400], scenes[:400], onehot[400:], scenes[400:], steps=300, lr=1e-2)
+    bad = probe_cells(noise[:400], scenes[:400], noise[400:], scenes[400:], steps=300, lr=1e-2)
+    for attr in CELL_ATTRIBUTES:
+        assert good[attr]["occupied_acc"] > 0.99 and good[attr]["empty_acc"] > 0.99
+        assert bad[attr]["occupied_acc"] < 0.6

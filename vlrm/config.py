@@ -130,6 +130,7 @@ class RewardConfig:
     itm_path: str = "models/shapes/reward_itm"  # BLIP2-ITM reward model: local directory or hub id
     ref_lm_path: Optional[str] = None  # reference LM for the 'ref' term; null: the frozen base captioner's LM
     clip_prompt_prefix: str = ""  # text prepended to each caption before CLIP scores it
+    clip_contrast: Literal["none", "batch"] = "none"  # 'batch': CLIP reward = log-prob of retrieving the own image among the batch's images
     weights: dict[str, float] = field(
         default_factory=lambda: {"clip": 1.0, "itm": 0.0, "ref": 0.0, "bad": 1.0, "repeat": 1.0, "length": 0.0}
     )  # weight of each reward component in the total reward (0 turns a term off)
