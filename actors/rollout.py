@@ -193,6 +193,8 @@ class RolloutWorker:
         from vlrm.data import ImageDataset, split_path
 
         torch.set_num_threads(max(1, int(cfg.rollout.num_cpus or 1)))
+        if cfg.rollout.nice:
+            os.nice(cfg.rollout.nice)  # on shared cores, generation yields to the learner (the slowest stage)
         self.cfg = cfg
         self.actor_id = actor_id
         self.device = _device(cfg.rollout.num_gpus)
@@ -297,7 +299,8 @@ class RolloutWorker:
         return {"actor_id": self.actor_id, "pid": self.pid, "node_id": self.node_id,
                 "incarnation": self.incarnation, "reconstructed": self.reconstructed,
                 "version": self.backend.version, "backend": self.backend.name, "device": self.device,
-                "generated_rows": self.generated_rows, "host": socket.gethostname()}
+                "generated_rows": self.generated_rows, "host": socket.gethostname(),
+                "nice": os.getpriority(os.PRIO_PROCESS, 0)}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights in use (tests compare them with the learner's)."""

@@ -5,7 +5,9 @@
   (HF ``Blip2ForConditionalGeneration(..., labels=...)`` loss, backward, no optimizer);
 - sampling (CaptionPolicy.sample: k samples per image, per-token log-probs) vs a bare
   ``model.generate(do_sample=True, num_return_sequences=k)``;
-- vision-tower calls per image when k captions are sampled (must be 1).
+- vision-tower calls per image when k captions are sampled (must be 1);
+- the CLIP reward on the sampled captions: text encoded only up to the batch's longest caption
+  (``vlrm/clip_text.py``) vs open_clip's ``encode_text`` over the whole context.
 
     .venv/bin/python benchmarks/bench_method.py --model models/shapes/captioner --images 16 --k 4
 """
@@ -42,6 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="models/shapes/captioner")
     p.add_argument("--data", default="data/shapes")
+    p.add_argument("--clip", default="models/shapes/reward_clip")
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=30)
@@ -98,6 +101,23 @@ def main() -> None:
 
     t_upd, t_fb = timed(update, a.repeats), timed(bare_fwd_bwd, a.repeats)
     rows.append(("learner update vs bare forward+backward", t_upd, t_fb))
+
+    # --- CLIP reward on the sampled captions
+    import rewards.clip_reward as clip_module
+
+    clip = clip_module.ClipReward(a.clip, batch_size=256)
+    captions = samples.texts
+    reward_images = [images[i] for i in range(a.images) for _ in range(a.k)]
+
+    def score():
+        return clip(reward_images, captions)
+
+    t_trim = timed(score, a.repeats)
+    trimmed = clip_module.encode_text  # the module-level function ClipReward calls
+    clip_module.encode_text = lambda model, text: model.encode_text(text, normalize=True)
+    t_full = timed(score, a.repeats)
+    clip_module.encode_text = trimmed
+    rows.append(("CLIP reward: trimmed text vs full context", t_trim, t_full))
 
     print(f"model={a.model} images={a.images} k={a.k} max_new_tokens={a.max_new_tokens} threads={a.threads}")
     print(f"{'measure':45s} {'ours (s)':>9s} {'bare (s)':>9s} {'ratio':>6s}")

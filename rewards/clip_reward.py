@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from rewards.combine import check_pairing, unique_images
+from vlrm.clip_text import encode_text
 
 __all__ = ["ClipReward", "resolve_clip_spec", "to_pil"]
 
@@ -229,7 +230,7 @@ class ClipReward:
             for t in chunk:
                 n_cut_unique[t] = self.num_tokens(t) > self.context_length
             ids = self.tokenizer(chunk, context_length=self.context_length).to(self.device)
-            feats.append(self.model.encode_text(ids, normalize=True).float())
+            feats.append(encode_text(self.model, ids).float())  # skips the padding where exact
         if count:
             n_cut = sum(n_cut_unique[t] for t in texts)
             self.last_truncated = n_cut

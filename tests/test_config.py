@@ -237,6 +237,10 @@ def test_cross_field_validation():
         load_config(overrides=["learner.baseline=rloo", "rollout.samples_per_image=1"])
     with pytest.raises(ConfigError, match=r"'rollout.top_p'"):
         load_config(overrides=["rollout.top_p=0"])
+    for nice in (-1, 20):  # raising priority needs privileges; 19 is the lowest
+        with pytest.raises(ConfigError, match=r"'rollout.nice'.*\[0, 19\]"):
+            load_config(overrides=[f"rollout.nice={nice}"])
+    assert load_config(overrides=["rollout.nice=10"]).rollout.nice == 10
     assert load_config(overrides=["rollout.top_p=0"], check=False).rollout.top_p == 0.0
 
 

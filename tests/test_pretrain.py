@@ -53,7 +53,7 @@ def test_clip_save_load_round_trip(tmp_path):
 def test_trimmed_text_encoding_equals_open_clip_and_its_gradients():
     """Training encodes text over the longest text in the batch, not the whole 77-token context:
     the embeddings and the gradients must be those of open_clip's own encode_text."""
-    from shapes_world.pretrain.clip import encode_text_trimmed
+    from vlrm.clip_text import encode_text
 
     cfg = CLIP_CONFIGS["evaluator"]
     tok = open_clip.get_tokenizer("ViT-B-32", context_length=cfg["text_cfg"]["context_length"])
@@ -61,7 +61,7 @@ def test_trimmed_text_encoding_equals_open_clip_and_its_gradients():
                 "a square", "two shapes"])
     assert int((text != 0).sum(1).max()) < text.shape[1]  # there is padding to skip
     grads = []
-    for encode in (lambda m: m.encode_text(text, normalize=True), lambda m: encode_text_trimmed(m, text)):
+    for encode in (lambda m: m.encode_text(text, normalize=True), lambda m: encode_text(m, text)):
         torch.manual_seed(1)
         model = build_clip(cfg)
         out = encode(model)
@@ -72,3 +72,18 @@ def test_trimmed_text_encoding_equals_open_clip_and_its_gradients():
     assert g_full.keys() == g_trim.keys()
     for name, g in g_full.items():  # equal up to float rounding (sums taken in another order)
         assert torch.allclose(g, g_trim[name], rtol=1e-4, atol=1e-6 * float(g.abs().max())), name
+
+
+def test_trimmed_text_encoding_falls_back_where_it_would_not_be_exact(monkeypatch):
+    """Pooling at the last position sees the padding: such models run open_clip's own path."""
+    from vlrm.clip_text import can_trim, encode_text
+
+    torch.manual_seed(0)
+    model = build_clip(CLIP_CONFIGS["reward"]).eval()
+    assert can_trim(model)
+    model.text_pool_type = "last"
+    assert not can_trim(model)
+    calls = []
+    monkeypatch.setattr(model, "encode_text", lambda text, normalize=False: calls.append(text.shape) or torch.zeros(1))
+    encode_text(model, open_clip.get_tokenizer("ViT-B-32", context_length=64)(["a square"]))
+    assert calls == [(1, 64)]  # the whole context, through open_clip

@@ -108,6 +108,7 @@ class RolloutConfig:
     num_actors: int = 2  # number of rollout (generation) actors
     num_cpus: float = 1.0  # CPUs reserved per rollout actor
     num_gpus: float = 0.0  # GPUs reserved per rollout actor (fractions share a GPU)
+    nice: int = 0  # os.nice() increment of rollout actor processes (0-19): where roles share CPU cores, >0 lets the learner go first
     backend: Literal["hf", "vllm"] = "hf"  # generation backend: transformers generate or vLLM
     images_per_batch: int = 16  # images per rollout batch
     samples_per_image: int = 4  # captions sampled per image (k); image features are computed once per image
@@ -643,6 +644,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         f"must be in [0, rollout.max_new_tokens={r.max_new_tokens}], got {r.min_new_tokens}",
     )
     need(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
+    need(0 <= r.nice <= 19, "rollout.nice", f"must be in [0, 19] (an os.nice increment), got {r.nice}")
     need(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 disables), got {r.top_k}")
     need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     need(w.repeat_ngram >= 1, "reward.repeat_ngram", f"must be >= 1, got {w.repeat_ngram}")

@@ -14,10 +14,10 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from safetensors.torch import save_file
 
 from shapes_world.pretrain.common import IMAGE_MEAN, IMAGE_STD, Progress, SplitTensors, cosine_lr, normalize, seed_everything
+from vlrm.clip_text import encode_text
 
 # Two configs: the reward CLIP and a differently shaped evaluator, so that evaluation is not
 # done by the model the policy was optimised against.
@@ -67,20 +67,6 @@ def encode_images(model, images_u8: torch.Tensor, batch: int = 500) -> torch.Ten
     return torch.cat(feats)
 
 
-def encode_text_trimmed(model: open_clip.CLIP, text: torch.Tensor) -> torch.Tensor:
-    """``model.encode_text(text, normalize=True)`` over the first L positions only, L = the longest
-    text in the batch. The same result: attention is causal and each text is pooled at its EOT
-    token, so the padding after it never reaches the output; open_clip always runs the whole
-    context (64 or 77 positions here), up to twice the work for our alt-texts (at most 42 tokens)."""
-    length = int((text != 0).sum(1).max())  # open_clip pads with 0
-    text = text[:, :length]
-    x = model.token_embedding(text) + model.positional_embedding[:length]
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = text_global_pool(model.ln_final(x), text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
-    return F.normalize(x, dim=-1)
-
-
 def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, batch_size: int = 256,
                lr: float = 1e-3, warmup: int = 100, name: str = "clip", build=build_clip) -> open_clip.CLIP:
     gen = seed_everything(seed)
@@ -100,7 +86,7 @@ def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, b
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         alt = torch.randint(0, k, (batch_size,), generator=gen)
         img = model.encode_image(normalize(train.images[idx]), normalize=True)
-        txt = encode_text_trimmed(model, tokens[idx, alt])
+        txt = encode_text(model, tokens[idx, alt])  # only up to the longest alt-text: up to half the work
         logits = model.logit_scale.exp() * img @ txt.t()
         labels = torch.arange(batch_size)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
