@@ -19,6 +19,9 @@ import torch.nn.functional as F
 
 from shapes_world.world import CELL_ATTRIBUTES, POSITIONS, cell_labels
 
+BLIP2_CLASSES = ("Blip2ForImageTextRetrieval", "Blip2ForConditionalGeneration")
+
+
 def probe_cells(train_x: torch.Tensor, train_scenes: list[dict], test_x: torch.Tensor, test_scenes: list[dict],
                 *, steps: int = 1500, batch: int = 512, lr: float = 1e-3, seed: int = 0) -> dict[str, dict[str, float]]:
     """Linear probes from features ``[N, D]`` to each cell's attributes.
@@ -65,7 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    arch = transformers.AutoConfig.from_pretrained(a.model).architectures[0]  # Blip2ForImageTextRetrieval or ...ConditionalGeneration
+    try:
+        arch = (transformers.AutoConfig.from_pretrained(a.model).architectures or ["?"])[0]
+    except (OSError, ValueError) as e:
+        p.error(f"--model {a.model}: not a saved transformers model ({e})")
+    if arch not in BLIP2_CLASSES:
+        p.error(f"--model {a.model}: a saved {' or '.join(BLIP2_CLASSES)} is needed, its config names {arch}")
     tower = getattr(transformers, arch).from_pretrained(a.model).vision_model.eval()
     train = load_split(f"{a.data}/train.parquet", limit=a.train_limit)
     test = load_split(f"{a.data}/test.parquet")

@@ -145,3 +145,11 @@ def test_cell_probe_reads_informative_features_and_not_noise():
     for attr in CELL_ATTRIBUTES:
         assert good[attr]["occupied_acc"] > 0.99 and good[attr]["empty_acc"] > 0.99
         assert bad[attr]["occupied_acc"] < 0.6
+
+
+def test_probe_cli_rejects_a_model_without_a_vision_tower(tiny_clip_dir, capsys):
+    from shapes_world.probe import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(["--model", str(tiny_clip_dir)])
+    assert ei.value.code == 2 and "not a saved transformers model" in capsys.readouterr().err
