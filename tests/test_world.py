@@ -129,8 +129,7 @@ def test_cell_probe_reads_informative_features_and_not_noise():
     import torch.nn.functional as F
 
     from shapes_world.probe import probe_cells
-    from shapes_world.world import CELL_ATTRIBUTES, cell_labels
-    from shapes_world.world import sample_scene
+    from shapes_world.world import CELL_ATTRIBUTES, cell_labels, sample_scene
 
     rng = np.random.default_rng(0)
     scenes = [sample_scene(rng).to_dict() for _ in range(600)]
