@@ -24,7 +24,7 @@ No I/O happens here: the single-process loop and the Ray learner call the same `
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +42,7 @@ from learner.algorithms import (
     vtrace_targets,
 )
 from vlrm.config import LearnerConfig
+from vlrm.policy import PolicyForward
 from vlrm.schema import RolloutTensors
 
 __all__ = ["A2CUpdater", "unique_rows", "select_rollouts", "group_loo_advantages"]
@@ -84,13 +85,27 @@ def group_loo_advantages(rewards: Tensor, groups: Tensor) -> Tensor:
     """
     _, g = torch.unique(groups, return_inverse=True)
     n_groups = int(g.max()) + 1 if g.numel() else 0
-    sums = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, g, rewards)
-    counts = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, g, torch.ones_like(rewards))
+    sums = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, g, rewards)
+    counts = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, g, torch.ones_like(rewards))
     n = counts[g]
     loo = (sums[g] - rewards) / (n - 1).clamp(min=1)
     b = rewards.numel()
     batch_loo = (rewards.sum() - rewards) / max(b - 1, 1)
     return torch.where(n > 1, rewards - loo, rewards - batch_loo if b > 1 else torch.zeros_like(rewards))
+
+
+class LossTerms(NamedTuple):
+    """What :meth:`A2CUpdater._losses` gives: the scalar ``loss`` (with grad), the loss output
+    (its statistics), the importance ``weights`` applied (None: none), V-trace's ``(value_loss,
+    vs)`` (None unless V-trace with the value baseline), the raw ratios ``pi/mu`` ``[B, T]`` and
+    the share of them clipped."""
+
+    loss: Tensor
+    out: Any
+    weights: Tensor | None
+    vtrace: tuple[Tensor, Tensor] | None
+    ratio: Tensor
+    clipped_frac: Tensor
 
 
 class A2CUpdater:
@@ -107,6 +122,9 @@ class A2CUpdater:
     """
 
     def __init__(self, policy: Any, cfg: LearnerConfig, *, temperature: float = 1.0, min_new_tokens: int = 0):
+        if cfg.micro_batch_size and cfg.normalize_advantages:
+            raise ValueError("learner.micro_batch_size cannot be combined with learner.normalize_advantages "
+                             "(whitening needs the whole batch's advantages at once)")
         self.policy = policy
         self.cfg = cfg
         self.temperature = float(temperature)
@@ -195,52 +213,36 @@ class A2CUpdater:
         tokens, mask = rt.tokens.to(dev), rt.mask.to(dev)
         blp = rt.behaviour_logprobs.to(dev, torch.float32)
         rewards = rt.rewards.to(dev, torch.float32)
+        image_index = image_index.to(dev)
+        # The k-sample baseline needs only the rewards: computed once, over the whole batch.
+        rloo_adv = self._rloo(rewards, rt) if cfg.baseline == "rloo" else None
 
         policy.train()
-        fwd = policy.forward_logprobs(pixels, tokens, mask, image_index.to(dev), temperature=self.temperature,
-                                      min_new_tokens=self.min_new_tokens,
-                                      compute_entropy=cfg.entropy_coef > 0)
-        logprobs, values = fwd.logprobs, fwd.values
-        entropy = fwd.entropy if cfg.entropy_coef > 0 else None
-
-        with torch.no_grad():
-            log_ratio = (logprobs - blp).detach()
-            ratio = torch.exp(log_ratio.clamp(max=50.0))
-            rho = truncated_importance_weights(logprobs, blp, mask, clip=cfg.is_clip)
-            # a tolerance, so that on-policy ratios of 1 + rounding error do not count as clipped
-            clipped_frac = masked_mean((ratio > cfg.is_clip * (1 + 1e-4)).float(), mask)
-        seq_returns_tok = token_returns(terminal_rewards_to_tokens(rewards, mask), mask, cfg.gamma)
-
-        value_loss_override = None
-        if cfg.baseline == "value":
-            if cfg.off_policy == "vtrace":
-                vs, pg_adv = vtrace_targets(logprobs, blp, terminal_rewards_to_tokens(rewards, mask), values, mask,
-                                            gamma=cfg.gamma, rho_clip=cfg.is_clip, c_clip=cfg.is_clip)
-                out = baseline_losses(logprobs, pg_adv, mask, entropy=entropy, entropy_coef=cfg.entropy_coef,
-                                      normalize_advantages=cfg.normalize_advantages)
-                value_loss = masked_mean((values - vs) ** 2, mask)
-                value_loss_override = (value_loss, vs)
-                loss = out.loss + cfg.value_coef * value_loss
-                weights_used = rho
-            else:
-                iw = rho if cfg.off_policy == "truncated_is" else None
-                out = a2c_losses(logprobs, values, seq_returns_tok, mask, value_coef=cfg.value_coef, entropy=entropy,
-                                 entropy_coef=cfg.entropy_coef, normalize_advantages=cfg.normalize_advantages,
-                                 importance_weights=iw)
-                loss = out.loss
-                weights_used = iw
-        else:  # rloo
-            adv_seq = self._rloo(rewards, rt)
-            # gamma < 1: the caption's advantage is discounted back from its last token like the return.
-            adv = token_returns(terminal_rewards_to_tokens(adv_seq, mask), mask, cfg.gamma)
-            iw = rho if cfg.off_policy in ("truncated_is", "vtrace") else None
-            out = baseline_losses(logprobs, adv, mask, entropy=entropy, entropy_coef=cfg.entropy_coef,
-                                  normalize_advantages=cfg.normalize_advantages, importance_weights=iw)
-            loss = out.loss
-            weights_used = iw
-
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        chunks = self.micro_batches(int(tokens.shape[0]))
+        n_tokens = mask.sum().clamp(min=1)
+        forwards = []
+        for rows in chunks:
+            if len(chunks) == 1:
+                chunk_pixels, chunk_index = pixels, image_index
+            else:  # only the images this micro-batch uses go through the vision tower
+                chunk_used, chunk_index = torch.unique(image_index[rows], return_inverse=True)
+                chunk_pixels = pixels[chunk_used.to(pixels.device)]
+            fwd = policy.forward_logprobs(chunk_pixels, tokens[rows], mask[rows], chunk_index,
+                                          temperature=self.temperature, min_new_tokens=self.min_new_tokens,
+                                          compute_entropy=cfg.entropy_coef > 0)
+            terms = self._losses(fwd, blp[rows], rewards[rows], mask[rows],
+                                 None if rloo_adv is None else rloo_adv[rows])
+            # Every loss term is a mean over the micro-batch's tokens: weighted by its share of the
+            # batch's tokens, the gradients add up to those of the whole batch's loss.
+            (terms.loss * (mask[rows].sum() / n_tokens)).backward()
+            forwards.append(PolicyForward(*(t.detach() for t in fwd)))
+        if len(chunks) > 1:  # the batch's statistics, from the detached outputs of all micro-batches
+            with torch.no_grad():
+                fwd = PolicyForward(*(torch.cat(ts) for ts in zip(*forwards)))
+                terms = self._losses(fwd, blp, rewards, mask, rloo_adv)
+        loss, out = terms.loss, terms.out
+
         max_norm = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
@@ -250,23 +252,24 @@ class A2CUpdater:
 
         stats = out.stats()
         stats["loss"] = float(loss.detach())
-        if value_loss_override is not None:
-            value_loss, vs = value_loss_override
+        if terms.vtrace is not None:
+            value_loss, vs = terms.vtrace
             with torch.no_grad():
                 var_t = masked_var(vs, mask)
-                ev = 1 - masked_var(vs - values.detach(), mask) / var_t.clamp(min=1e-12)
+                ev = 1 - masked_var(vs - fwd.values.detach(), mask) / var_t.clamp(min=1e-12)
             stats.update(value_loss=float(value_loss.detach()), return_mean=float(masked_mean(vs, mask)),
-                         value_mean=float(masked_mean(values.detach(), mask)),
+                         value_mean=float(masked_mean(fwd.values.detach(), mask)),
                          explained_variance=float(ev) if float(var_t) > 0 else math.nan)
         lags = (version - rt.policy_versions).float()
         with torch.no_grad():
             stats.update(
-                neg_logprob=float(-masked_mean(logprobs.detach(), mask)),
+                neg_logprob=float(-masked_mean(fwd.logprobs.detach(), mask)),
                 grad_norm=float(grad_norm),
                 reward_mean=float(rewards.mean()),
-                is_ratio_mean=float(masked_mean(ratio, mask)),
-                is_weight_mean=float(masked_mean(weights_used, mask)) if weights_used is not None else 1.0,
-                is_clipped_frac=float(clipped_frac),
+                is_ratio_mean=float(masked_mean(terms.ratio, mask)),
+                is_weight_mean=float(masked_mean(terms.weights, mask)) if terms.weights is not None else 1.0,
+                is_clipped_frac=float(terms.clipped_frac),
+                micro_batches=float(len(chunks)),
                 policy_lag_mean=float(lags.mean()),
                 policy_lag_max=float(lags.max()),
                 tokens=float(mask.sum()),
@@ -274,6 +277,47 @@ class A2CUpdater:
                 version=float(policy.version),
             )
         return base | stats
+
+    def micro_batches(self, b: int) -> list[slice]:
+        """Row slices of a ``b``-caption batch, ``learner.micro_batch_size`` captions each (one
+        slice when it is 0 or at least ``b``)."""
+        size = int(self.cfg.micro_batch_size) or b
+        return [slice(i, min(i + size, b)) for i in range(0, b, size)] or [slice(0, 0)]
+
+    def _losses(self, fwd: PolicyForward, blp: Tensor, rewards: Tensor, mask: Tensor,
+                rloo_adv: Tensor | None) -> "LossTerms":
+        """The loss of ``fwd`` (``[B, T]`` outputs of ``policy.forward_logprobs``) under the
+        configured baseline and off-policy correction; ``rloo_adv``: ``[B]`` k-sample advantages."""
+        cfg = self.cfg
+        logprobs, values = fwd.logprobs, fwd.values
+        entropy = fwd.entropy if cfg.entropy_coef > 0 else None
+        with torch.no_grad():
+            ratio = torch.exp((logprobs - blp).detach().clamp(max=50.0))
+            rho = truncated_importance_weights(logprobs, blp, mask, clip=cfg.is_clip)
+            # a tolerance, so that on-policy ratios of 1 + rounding error do not count as clipped
+            clipped_frac = masked_mean((ratio > cfg.is_clip * (1 + 1e-4)).float(), mask)
+        step_rewards = terminal_rewards_to_tokens(rewards, mask)
+        vtrace = None
+        if cfg.baseline == "value" and cfg.off_policy == "vtrace":
+            vs, pg_adv = vtrace_targets(logprobs, blp, step_rewards, values, mask,
+                                        gamma=cfg.gamma, rho_clip=cfg.is_clip, c_clip=cfg.is_clip)
+            out = baseline_losses(logprobs, pg_adv, mask, entropy=entropy, entropy_coef=cfg.entropy_coef,
+                                  normalize_advantages=cfg.normalize_advantages)
+            value_loss = masked_mean((values - vs) ** 2, mask)
+            vtrace = (value_loss, vs)
+            return LossTerms(out.loss + cfg.value_coef * value_loss, out, rho, vtrace, ratio, clipped_frac)
+        if cfg.baseline == "value":
+            iw = rho if cfg.off_policy == "truncated_is" else None
+            out = a2c_losses(logprobs, values, token_returns(step_rewards, mask, cfg.gamma), mask,
+                             value_coef=cfg.value_coef, entropy=entropy, entropy_coef=cfg.entropy_coef,
+                             normalize_advantages=cfg.normalize_advantages, importance_weights=iw)
+            return LossTerms(out.loss, out, iw, None, ratio, clipped_frac)
+        # rloo; gamma < 1: the caption's advantage is discounted back from its last token like the return.
+        adv = token_returns(terminal_rewards_to_tokens(rloo_adv, mask), mask, cfg.gamma)
+        iw = rho if cfg.off_policy in ("truncated_is", "vtrace") else None
+        out = baseline_losses(logprobs, adv, mask, entropy=entropy, entropy_coef=cfg.entropy_coef,
+                              normalize_advantages=cfg.normalize_advantages, importance_weights=iw)
+        return LossTerms(out.loss, out, iw, None, ratio, clipped_frac)
 
     def _rloo(self, rewards: Tensor, rt: RolloutTensors) -> Tensor:
         """Per-caption leave-one-out advantages; :func:`rloo_baseline` when the batch is the

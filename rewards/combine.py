@@ -256,22 +256,31 @@ class CombinedReward:
 RewardFactory = Callable[[Any, str, str], Callable]
 
 
+# reward.dtype -> open_clip precision ("pure_*": every parameter in that dtype, as HF models load)
+_CLIP_PRECISION = {"float32": "fp32", "bfloat16": "pure_bf16", "float16": "pure_fp16"}
+
+
+def _dtype_of(cfg: Any) -> str:
+    return getattr(cfg, "dtype", "float32")
+
+
 def _clip(cfg: Any, captioner_path: str, device: str) -> Callable:
     from rewards.clip_reward import ClipReward
 
-    return ClipReward(cfg.clip_path, device=device, prompt_prefix=cfg.clip_prompt_prefix, contrast=cfg.clip_contrast)
+    return ClipReward(cfg.clip_path, device=device, prompt_prefix=cfg.clip_prompt_prefix, contrast=cfg.clip_contrast,
+                      precision=_CLIP_PRECISION[_dtype_of(cfg)])
 
 
 def _itm(cfg: Any, captioner_path: str, device: str) -> Callable:
     from rewards.itm_reward import ItmReward
 
-    return ItmReward(cfg.itm_path, device=device)
+    return ItmReward(cfg.itm_path, device=device, dtype=_dtype_of(cfg))
 
 
 def _ref(cfg: Any, captioner_path: str, device: str) -> Callable:
     from rewards.ref_lm import ReferenceLMReward
 
-    return ReferenceLMReward(lm_path=cfg.ref_lm_path, captioner_path=captioner_path, device=device)
+    return ReferenceLMReward(lm_path=cfg.ref_lm_path, captioner_path=captioner_path, device=device, dtype=_dtype_of(cfg))
 
 
 def _bad(cfg: Any, captioner_path: str, device: str) -> Callable:

@@ -236,6 +236,43 @@ def test_updater_options_run_a_step(policy, baseline, off_policy):
     assert upd2.optimizer.state_dict()["state"].keys() == sd["optimizer"]["state"].keys()
 
 
+@pytest.mark.parametrize("baseline,off_policy", [("value", "truncated_is"), ("value", "vtrace"), ("rloo", "truncated_is")])
+def test_micro_batches_give_the_same_update(tiny_captioner_dir, baseline, off_policy):
+    """learner.micro_batch_size accumulates gradients: same parameters and statistics as the
+    whole batch at once (micro-batches of 2 and 3 captions split images and leave a remainder)."""
+    results = []
+    for micro in (0, 2, 3):
+        torch.manual_seed(0)
+        pol = CaptionPolicy.from_config(PolicyConfig(model_path=str(tiny_captioner_dir), value_head_hidden=16))
+        pol.version = 5
+        pixels, rt = _rollouts(pol, [4, 4, 5, 5, 5, 5, 4, 4], k=4, n=2, seed=3)
+        cfg = LearnerConfig(baseline=baseline, off_policy=off_policy, entropy_coef=0.01, micro_batch_size=micro, lr=1e-2)
+        upd = A2CUpdater(pol, cfg, min_new_tokens=1)
+        assert len(upd.micro_batches(8)) == {0: 1, 2: 4, 3: 3}[micro]
+        grads = {}
+        optimizer_step = upd.optimizer.step
+
+        def capture_then_step():  # the accumulated gradients, as the optimizer gets them
+            grads.update({n: p.grad.clone() for n, p in pol.named_parameters() if p.grad is not None})
+            optimizer_step()
+
+        upd.optimizer.step = capture_then_step
+        stats = upd.step(pixels, rt)
+        assert stats["micro_batches"] == len(upd.micro_batches(8))
+        results.append((stats, grads))
+    (whole, want), rest = results[0], results[1:]
+    assert any("qformer" in n for n in want) and any("value_head" in n for n in want) == (baseline == "value")
+    scale = max(g.abs().max() for g in want.values())
+    for stats, got in rest:
+        for key in ("loss", "policy_loss", "value_loss", "entropy", "grad_norm", "advantage_std", "is_weight_mean"):
+            assert stats[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
+        assert got.keys() == want.keys()
+        for name, g in want.items():
+            torch.testing.assert_close(got[name], g, rtol=1e-3, atol=1e-5 * float(scale), msg=name)
+    with pytest.raises(ValueError, match="normalize_advantages"):
+        A2CUpdater(pol, LearnerConfig(micro_batch_size=2, normalize_advantages=True))
+
+
 def test_loo_helpers():
     r = torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0, 9.0])
     assert torch.allclose(group_loo_advantages(r, torch.tensor([0, 0, 0, 1, 1, 1])), rloo_baseline(r, 3))

@@ -269,6 +269,22 @@ def test_build_reward_from_config(tiny_clip_dir, tiny_itm_dir, tiny_captioner_di
     assert out.stats["clip/truncated"] == 0
 
 
+def test_build_reward_in_bfloat16(tiny_clip_dir, tiny_itm_dir, tiny_captioner_dir):
+    """reward.dtype loads every reward model in that dtype; scores stay close to float32's."""
+    weights = {"clip": 1.0, "itm": 1.0, "ref": 1.0, "bad": 0.0, "repeat": 0.0, "length": 0.0}
+    paths = dict(clip_path=str(tiny_clip_dir), itm_path=str(tiny_itm_dir))
+    half = build_reward(RewardConfig(dtype="bfloat16", weights=weights, **paths), str(tiny_captioner_dir))
+    full = build_reward(RewardConfig(weights=weights, **paths), str(tiny_captioner_dir))
+    assert {p.dtype for p in half.components["clip"].model.parameters()} == {torch.bfloat16}
+    assert half.components["itm"].model.vision_model.dtype == torch.bfloat16
+    assert half.components["ref"].lm.dtype == torch.bfloat16
+    imgs, caps = _images(2), ["a red circle", "two blue squares"]
+    got, want = half(imgs, caps).components, full(imgs, caps).components
+    for name in ("clip", "itm", "ref"):
+        assert got[name].dtype == torch.float32 and torch.isfinite(got[name]).all()
+        torch.testing.assert_close(got[name], want[name], atol=0.1, rtol=0.05)
+
+
 def test_build_reward_unknown_key():
     cfg = RewardConfig(weights={"clip": 0.0, "cider": 1.0})
     with pytest.raises(ValueError, match=r"unknown reward component\(s\) \['cider'\].*valid names.*'bad'.*'clip'"):

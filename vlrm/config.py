@@ -132,6 +132,7 @@ class RewardConfig:
     ref_lm_path: Optional[str] = None  # reference LM for the 'ref' term; null: the frozen base captioner's LM
     clip_prompt_prefix: str = ""  # text prepended to each caption before CLIP scores it
     clip_contrast: Literal["none", "batch"] = "none"  # 'batch': CLIP reward = log-prob of retrieving the own image among the batch's images
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameter dtype of the CLIP, ITM and reference-LM reward models (bfloat16 on GPUs)
     weights: dict[str, float] = field(
         default_factory=lambda: {"clip": 1.0, "itm": 0.0, "ref": 0.0, "bad": 1.0, "repeat": 1.0, "length": 0.0}
     )  # weight of each reward component in the total reward (0 turns a term off)
@@ -164,6 +165,7 @@ class LearnerConfig:
     checkpoint_every: int = 50  # save a checkpoint every this many steps; 0 disables (a final one is still saved)
     log_every: int = 1  # print and log metrics every this many steps
     data_parallel_workers: int = 1  # learner workers in data parallel (gradients averaged)
+    micro_batch_size: int = 0  # captions per learner forward/backward (gradients accumulated, same update); 0: the whole batch at once
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources for the learner, e.g. {learner: 1}
 
 
@@ -665,6 +667,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(l.checkpoint_every >= 0, "learner.checkpoint_every", f"must be >= 0 (0 disables), got {l.checkpoint_every}")
     need(l.log_every >= 1, "learner.log_every", f"must be >= 1, got {l.log_every}")
     need(l.data_parallel_workers >= 1, "learner.data_parallel_workers", f"must be >= 1, got {l.data_parallel_workers}")
+    need(l.micro_batch_size >= 0, "learner.micro_batch_size", f"must be >= 0, got {l.micro_batch_size}")
+    need(not (l.micro_batch_size and l.normalize_advantages), "learner.micro_batch_size",
+         "cannot be combined with learner.normalize_advantages (whitening needs the whole batch's advantages "
+         "at once); set one of them to 0/false")
     need(
         l.baseline != "rloo" or r.samples_per_image >= 2,
         "learner.baseline",

@@ -1,0 +1,44 @@
+"""The method benchmark runs end to end on random-weight models (tiny here; real size on GPUs)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from random_models import blip2_configs, write_random_models  # noqa: E402
+
+
+def test_real_size_configs_are_blip2_opt_2_7b_and_itm_vit_g(tokenizer):
+    from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
+
+    cap, itm = blip2_configs("real", tokenizer)
+    assert (cap.vision_config.hidden_size, cap.vision_config.num_hidden_layers, cap.vision_config.patch_size) == (1408, 39, 14)
+    assert (cap.text_config.hidden_size, cap.text_config.num_hidden_layers, cap.text_config.vocab_size) == (2560, 32, 50272)
+    assert cap.num_query_tokens == itm.num_query_tokens == 32 and itm.qformer_config.use_qformer_text_input
+    with torch.device("meta"):
+        sizes = [sum(p.numel() for p in cls(cfg).parameters())
+                 for cls, cfg in ((Blip2ForConditionalGeneration, cap), (Blip2ForImageTextRetrieval, itm))]
+    assert 3.7e9 < sizes[0] < 3.8e9 and 1.1e9 < sizes[1] < 1.25e9  # 3.74B and 1.17B parameters
+
+
+def test_bench_method_on_random_models(tmp_path):
+    paths = write_random_models(tmp_path / "models", size="tiny", dtype="float32")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_method.py"), "--model", str(paths["captioner"]),
+           "--clip", str(paths["clip"]), "--itm", str(paths["itm"]), "--ref", "--data", str(tmp_path / "none"),
+           "--images", "3", "--k", "2", "--max-new-tokens", "5", "--repeats", "1", "--threads", "1"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    for row in ("sampling: policy.sample vs bare generate", "learner update vs bare forward+backward",
+                "CLIP reward: trimmed text vs full context", "ITM reward", "REF reward", "all rewards, one call: clip+itm+ref"):
+        line = next(l for l in lines if l.startswith(row))
+        assert float(line[45:].split()[0]) > 0
+    calls = next(l for l in lines if l.startswith("vision-tower calls per image"))
+    assert float(calls.split()[-1]) == 1.0
