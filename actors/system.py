@@ -637,12 +637,15 @@ class DistributedRun:
         scores: dict[Any, _Score] = {}
         ready: deque = deque()  # scored refs waiting for queue space
         in_queue = 0
-        update_ref = None
+        updates: deque = deque()  # learner calls in flight, oldest first
+        # A second call waits inside the learner behind the running one, so the learner starts its
+        # next step without a round trip through this loop (learner.prefetch).
+        max_updates = 2 if cfg.learner.prefetch else 1
         last_t = time.perf_counter()
         stopping = False
 
         def outstanding() -> int:
-            return len(gens) + len(scores) + len(ready) + in_queue + (1 if update_ref is not None else 0)
+            return len(gens) + len(scores) + len(ready) + in_queue + len(updates)
 
         while True:
             now = time.perf_counter()
@@ -662,18 +665,20 @@ class DistributedRun:
                 self.queue.put_nowait([ready.popleft()])
                 in_queue += 1
             # 3. keep the learner busy (not after a stop: what is left is counted as discarded)
-            if update_ref is None and in_queue > 0 and not stopping:
-                update_ref = self.learner.update_from_queue.remote(self.queue, 1)
+            while len(updates) < max_updates and in_queue > 0 and not stopping:
+                updates.append(self.learner.update_from_queue.remote(self.queue, 1))
                 in_queue -= 1
-            if stopping and not gens and not scores and update_ref is None:
+            if stopping and not gens and not scores and not updates:
                 break
-            waitable = list(gens) + list(scores) + ([update_ref] if update_ref is not None else [])
+            waitable = list(gens) + list(scores) + list(updates)
             if not waitable:  # nothing in flight (cannot normally happen): do not spin
                 time.sleep(0.01)
                 continue
             done, _ = ray.wait(waitable, num_returns=1, timeout=1.0)
             if done:
                 done, _ = ray.wait(waitable, num_returns=len(waitable), timeout=0)
+                finished = sorted((r for r in done if r in updates), key=lambda r: ray.get(r).get("step", 0))
+                done = [r for r in done if r not in updates] + finished  # steps in the order they ran
             self._collect_acks()
             for ref in done:
                 if ref in gens:
@@ -711,8 +716,8 @@ class DistributedRun:
                     self._seen(meta)
                     self.acc.on_scored(meta)
                     ready.append(s.data_ref)
-                elif ref == update_ref:
-                    update_ref = None
+                elif ref in updates:
+                    updates.remove(ref)
                     stats = ray.get(ref)
                     self.acc.on_learned(stats)
                     if stats.get("weights") is not None:

@@ -11,9 +11,10 @@ language projection, LoRA, value head; :meth:`CaptionPolicy.trainable_state_dict
 ``ray.put``; ``get_weights()`` returns ``(ObjectRef, version)`` and every rollout actor reads
 that same object (numpy arrays: zero-copy from shared memory on each node).
 
-The actor runs with ``max_concurrency=2``: ``get_weights`` answers at once from the last published
-object even while an update runs (a restarted rollout actor asks for it in its constructor);
-updates, evaluation and checkpoints are serialised by a lock.
+The actor runs with ``max_concurrency=3``: ``get_weights`` answers at once from the last published
+object even while an update runs and the next one waits (``learner.prefetch``; a restarted
+rollout actor asks for the weights in its constructor); updates, evaluation and checkpoints are
+serialised by a lock.
 
 Exactly-once: each consumed ``batch_id`` is remembered; a batch delivered twice is ignored and
 counted as ``duplicates``. Rows older than ``learner.max_policy_lag`` versions are dropped by the
@@ -141,14 +142,19 @@ class LearnerWorker:
         Returns stats: the updater's (loss, policy_lag_mean, ...), ``reward`` and ``r/<name>``
         (means over the rows received), ``caption_words``, ``consumed`` / ``dropped_for_lag`` /
         ``duplicates`` (rows) and ``batch_ids`` (consumed now), ``step`` and ``version`` after
-        the step, and ``weights``: ``(ref, version, published_at)`` when a step was taken.
+        the step, ``weights``: ``(ref, version, published_at)`` when a step was taken, and where
+        the time went: ``prepare_seconds`` (fetch, decode, preprocess), ``update_seconds``,
+        ``publish_seconds``, their total ``learner_seconds``, and ``lock_wait_seconds`` (spent
+        queued behind the previous update, ``learner.prefetch``; not in the total).
         """
         from learner.update import unique_rows
         from vlrm.schema import to_tensors
 
         t_start = time.perf_counter()
         resolved = _resolve(batches)
+        t_wait = time.perf_counter()
         with self._lock:
+            waited = time.perf_counter() - t_wait  # behind the running update (learner.prefetch)
             fresh, dup_rows, ids = [], 0, []
             for b in resolved:
                 bid = b.column("batch_id")[0].as_py() if b.num_rows else None
@@ -198,11 +204,15 @@ class LearnerWorker:
                 if f.name.startswith("r/"):
                     out[f.name] = float(table.column(f.name).to_numpy(zero_copy_only=False).mean())
             weights = None
+            t_publish = time.perf_counter()
             if not skipped:
                 self.publish()
                 weights = self._published
             out["weights"] = weights
-            out["learner_seconds"] = time.perf_counter() - t_start
+            out["publish_seconds"] = time.perf_counter() - t_publish
+            out["prepare_seconds"] = t0 - t_start - waited  # fetch, decode and preprocess the batch
+            out["lock_wait_seconds"] = waited
+            out["learner_seconds"] = time.perf_counter() - t_start - waited
             self._metrics.update(kept, dropped, lags.tolist(), update_s, out["learner_seconds"])
             return out
 
@@ -339,9 +349,10 @@ class _LearnerMetrics:
 
 def learner_actor_options(cfg: RunConfig, resources: Mapping[str, float] | None = None) -> dict:
     """``.options(...)`` of the learner: ``cfg.learner`` CPUs/GPUs, no restarts (a lost learner
-    ends the run; resume from its last checkpoint), two threads (``get_weights`` beside updates)."""
+    ends the run; resume from its last checkpoint), three threads (``get_weights`` beside a
+    running update and the prefetched next one)."""
     opts: dict[str, Any] = {"num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.learner.num_gpus,
-                            "max_restarts": 0, "max_concurrency": 2}
+                            "max_restarts": 0, "max_concurrency": 3}
     if resources:
         opts["resources"] = dict(resources)
     return opts

@@ -132,7 +132,10 @@ class RewardWorker:
         self._cache_size = int(cache_size)
         self._pending: list[tuple[pa.RecordBatch, asyncio.Future, float]] = []
         self._flusher: asyncio.Task | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        # The models run on this one thread; with reward.nice it yields the CPU to the learner where
+        # roles share cores (Linux niceness is per thread, so it is set on the thread that scores).
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward",
+                                                           initializer=os.nice, initargs=(int(cfg.reward.nice),))
         self.calls = 0
         self.scored_rows = 0
         self.merged_calls = 0  # model calls that served more than one request
@@ -199,7 +202,8 @@ class RewardWorker:
     def info(self) -> dict:
         return {"actor_id": self.actor_id, "pid": self.pid, "node_id": self.node_id, "incarnation": self.incarnation,
                 "calls": self.calls, "merged_calls": self.merged_calls, "scored_rows": self.scored_rows,
-                "components": list(self.reward.active), "device": self.device, "host": socket.gethostname()}
+                "components": list(self.reward.active), "device": self.device, "host": socket.gethostname(),
+                "nice": self._pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result()}
 
     def ping(self) -> str:
         return self.actor_id

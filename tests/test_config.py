@@ -241,6 +241,8 @@ def test_cross_field_validation():
         with pytest.raises(ConfigError, match=r"'rollout.nice'.*\[0, 19\]"):
             load_config(overrides=[f"rollout.nice={nice}"])
     assert load_config(overrides=["rollout.nice=10"]).rollout.nice == 10
+    with pytest.raises(ConfigError, match=r"'reward.nice'.*\[0, 19\]"):
+        load_config(overrides=["reward.nice=20"])
     assert load_config(overrides=["rollout.top_p=0"], check=False).rollout.top_p == 0.0
 
 

@@ -91,10 +91,12 @@ def test_actors_generate_score_update_and_push(paths, tmp_path, ray_local):
 
     cfg = _cfg(paths, tmp_path, "actors", 1, rollout__nice=3)
     cfg.reward.batch_wait_s = 0.5
+    cfg.reward.nice = 2
     learner = LearnerActor.options(**learner_actor_options(cfg)).remote(cfg, str(tmp_path / "actors"))
     roll = RolloutActor.options(**rollout_actor_options(cfg)).remote(cfg, "rollout-0", learner)
     rew = RewardActor.options(**reward_actor_options(cfg)).remote(cfg, "reward-0")
     assert ray.get(roll.info.remote())["nice"] >= os.getpriority(os.PRIO_PROCESS, 0) + 3  # yields to the learner
+    assert ray.get(rew.info.remote())["nice"] >= os.getpriority(os.PRIO_PROCESS, 0) + 2
 
     b1, m1 = roll.generate.remote([0, 1], "t-1")
     b2, m2 = roll.generate.remote([2, 3], "t-2")

@@ -143,6 +143,7 @@ class RewardConfig:
     max_task_retries: int = 3  # times Ray retries a scoring call on a restarted actor (-1: forever)
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources per actor, e.g. {reward: 1}
     batch_wait_s: float = 0.05  # how long a reward actor waits to merge requests from several rollout actors
+    nice: int = 0  # os.nice() increment of the reward actors' scoring thread (0-19): where roles share CPU cores, >0 lets the learner go first
 
 
 @dataclass
@@ -160,6 +161,7 @@ class LearnerConfig:
     is_clip: float = 1.0  # clip of the importance weights (truncated IS / V-trace rho-bar and c-bar)
     max_policy_lag: int = 4  # rollouts more than this many policy versions old are dropped (and counted)
     queue_size: int = 8  # capacity of the rollout queue between actors and learner
+    prefetch: bool = True  # async mode: queue the learner's next update behind the running one (no idle round trip per step)
     num_gpus: float = 0.0  # GPUs reserved for the learner
     num_cpus: float = 1.0  # CPUs reserved for the learner
     checkpoint_every: int = 50  # save a checkpoint every this many steps; 0 disables (a final one is still saved)
@@ -647,6 +649,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     )
     need(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
     need(0 <= r.nice <= 19, "rollout.nice", f"must be in [0, 19] (an os.nice increment), got {r.nice}")
+    need(0 <= w.nice <= 19, "reward.nice", f"must be in [0, 19] (an os.nice increment), got {w.nice}")
     need(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 disables), got {r.top_k}")
     need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     need(w.repeat_ngram >= 1, "reward.repeat_ngram", f"must be >= 1, got {w.repeat_ngram}")
