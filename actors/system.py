@@ -86,7 +86,7 @@ WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", ".pytest_cach
 
 def _required_cpus(cfg: RunConfig) -> float:
     return (cfg.rollout.num_actors * cfg.rollout.num_cpus + cfg.reward.num_actors * cfg.reward.num_cpus
-            + cfg.learner.num_cpus)
+            + cfg.learner.data_parallel_workers * cfg.learner.num_cpus)
 
 
 def init_ray(cfg: RunConfig) -> bool:
@@ -367,9 +367,11 @@ class DistributedRun:
         cres = ray.cluster_resources()
         self.placement = {role: _role_resources(cfg, role, self.resources, cres)
                           for role in ("rollout", "reward", "learner")}
-        self.learner = LearnerActor.options(
-            name=f"{name}.learner", namespace=ns, **learner_actor_options(cfg, _role_resources(cfg, "learner", self.resources, cres))
-        ).remote(cfg, str(self.ctx.dir.resolve()), str(self.ckpt) if self.ckpt else None)
+        learner_res = _role_resources(cfg, "learner", self.resources, cres)
+        # with learner.data_parallel_workers > 1 this is rank 0; it starts the other ranks itself
+        self.learner = LearnerActor.options(name=f"{name}.learner", namespace=ns, **learner_actor_options(cfg, learner_res)
+                                            ).remote(cfg, str(self.ctx.dir.resolve()), str(self.ckpt) if self.ckpt else None,
+                                                     resources=learner_res)
         self.rewards = [
             RewardActor.options(name=f"{name}.reward-{j}", namespace=ns,
                                 **reward_actor_options(cfg, _role_resources(cfg, "reward", self.resources, cres))
@@ -390,8 +392,12 @@ class DistributedRun:
             self.incarnations.setdefault(info["actor_id"], set()).add(info["incarnation"])
             self.nodes[info["actor_id"]] = info["node_id"]
         self.nodes["learner"] = learner_info["node_id"]
+        for peer in learner_info.get("peers", []):
+            self.nodes[f"learner-{peer['rank']}"] = peer["node_id"]
         pinned = ", ".join(f"{r} on {res}" for r, res in self.placement.items() if res)
-        print(f"[vlrm] {cfg.rollout.num_actors} rollout + {cfg.reward.num_actors} reward actors + 1 learner "
+        ranks = cfg.learner.data_parallel_workers
+        print(f"[vlrm] {cfg.rollout.num_actors} rollout + {cfg.reward.num_actors} reward actors + 1 learner"
+              f"{f' ({ranks} data-parallel ranks)' if ranks > 1 else ''} "
               f"ready in {time.perf_counter() - t0:.1f}s on {len(set(self.nodes.values()))} node(s)"
               f"{' (' + pinned + ')' if pinned else ''}; "
               f"learner: {learner_info['trainable_parameters']:,} trainable parameters on {learner_info['device']}",

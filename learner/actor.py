@@ -20,8 +20,14 @@ Exactly-once: each consumed ``batch_id`` is remembered; a batch delivered twice 
 counted as ``duplicates``. Rows older than ``learner.max_policy_lag`` versions are dropped by the
 updater and reported as ``dropped_for_lag``.
 
-Data parallel: ``learner.data_parallel_workers > 1`` is not implemented in this actor yet and
-raises ``NotImplementedError`` (use one learner; on a GPU cluster give it ``learner.num_gpus=1``).
+Data parallel (``learner.data_parallel_workers = W > 1``): this actor is rank 0. It starts the
+other ``W - 1`` ranks as actors of the same class (same resources, named ``<name>-<rank>``), joins
+them in a ``torch.distributed`` group (:mod:`learner.data_parallel`: gloo on CPU, NCCL on GPUs;
+the rendezvous listens on 127.0.0.1 when the cluster has one node, else on this node's address),
+copies its trainable weights to them, and hands every batch to all ranks: each updates on its
+share and the summed gradients make the same step everywhere. Only rank 0 publishes weights,
+evaluates and writes checkpoints; the others resume from the same checkpoint (``run_dir`` must
+be shared storage across nodes). The ranks live and die with rank 0.
 """
 from __future__ import annotations
 
@@ -70,12 +76,8 @@ class LearnerWorker:
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str | None = None, resume_checkpoint: str | None = None,
-                 publish: bool = True):
-        if int(cfg.learner.data_parallel_workers) > 1:
-            raise NotImplementedError(
-                f"learner.data_parallel_workers={cfg.learner.data_parallel_workers}: the data-parallel learner is not "
-                "implemented yet; run one learner (learner.data_parallel_workers=1) and give it a GPU with "
-                "learner.num_gpus=1")
+                 publish: bool = True, resources: Mapping[str, float] | None = None, rank: int = 0,
+                 init_method: str | None = None):
         from learner.update import A2CUpdater
         from vlrm.data import ImageDataset, split_path
         from vlrm.policy import CaptionPolicy
@@ -86,8 +88,11 @@ class LearnerWorker:
         self.run_dir = Path(run_dir) if run_dir else None
         self.device = "cuda" if cfg.learner.num_gpus and torch.cuda.is_available() else "cpu"
         self.policy = CaptionPolicy.from_config(cfg.policy, device=self.device)
+        self.rank = int(rank)
+        self._peers: list = []
+        self.group = self._join_group(resume_checkpoint, resources, init_method)
         self.updater = A2CUpdater(self.policy, cfg.learner, temperature=cfg.rollout.temperature,
-                                  min_new_tokens=cfg.rollout.min_new_tokens)
+                                  min_new_tokens=cfg.rollout.min_new_tokens, group=self.group)
         self.dataset = ImageDataset.open(split_path(cfg.data.root, cfg.data.train_split))
         self.step = 0
         self._resume_state: dict | None = None
@@ -96,6 +101,8 @@ class LearnerWorker:
 
             self._resume_state = load_training_checkpoint(resume_checkpoint, self.policy, self.updater, sampler=None)
             self.step = int(self._resume_state["step"])
+        if self.group is not None:  # identical starting weights on every rank (e.g. the value head's init)
+            self.group.broadcast_([p for p in self.policy.parameters() if p.requires_grad])
         self._lock = threading.Lock()
         self._consumed_ids: set[str] = set()
         self.totals = {"consumed": 0, "dropped_for_lag": 0, "duplicates": 0, "batches": 0, "skipped_steps": 0}
@@ -105,7 +112,34 @@ class LearnerWorker:
         self._publish_enabled = publish
         self._published: tuple[Any, int, float] | None = None
         self._metrics = _LearnerMetrics()
-        self.publish()
+        if self.rank == 0:
+            self.publish()
+
+    def _join_group(self, resume_checkpoint: str | None, resources: Mapping[str, float] | None,
+                    init_method: str | None):
+        """The data-parallel group (None with one learner); rank 0 first starts the other ranks."""
+        world = int(self.cfg.learner.data_parallel_workers)
+        if world <= 1:
+            return None
+        from learner.data_parallel import DataParallelGroup, free_port
+
+        if self.rank == 0:
+            import ray
+
+            ctx = ray.get_runtime_context()
+            one_node = sum(1 for n in ray.nodes() if n.get("Alive")) == 1
+            host = "127.0.0.1" if one_node else ray.util.get_node_ip_address()
+            init_method = f"tcp://{host}:{free_port(host)}"
+            name = ctx.get_actor_name() if ctx.get_actor_id() else None
+            opts = learner_actor_options(self.cfg, resources)
+            self._peers = [
+                LearnerActor.options(**opts, **({"name": f"{name}-{r}"} if name else {})).remote(
+                    self.cfg, str(self.run_dir) if self.run_dir else None, resume_checkpoint, False, resources, r,
+                    init_method)
+                for r in range(1, world)]
+        if init_method is None:
+            raise ValueError(f"learner rank {self.rank} needs the rendezvous address (init_method)")
+        return DataParallelGroup(self.rank, world, init_method, backend="nccl" if self.device == "cuda" else "gloo")
 
     # ------------------------------------------------------------------ weights
 
@@ -155,6 +189,9 @@ class LearnerWorker:
         t_wait = time.perf_counter()
         with self._lock:
             waited = time.perf_counter() - t_wait  # behind the running update (learner.prefetch)
+            # Every rank sees the whole batch and takes its share; the collectives in the step pair
+            # the ranks up, so one batch at a time reaches them, in this rank's order.
+            peer_calls = [p.update.remote(batches) for p in self._peers]
             fresh, dup_rows, ids = [], 0, []
             for b in resolved:
                 bid = b.column("batch_id")[0].as_py() if b.num_rows else None
@@ -168,6 +205,7 @@ class LearnerWorker:
             out: dict[str, Any] = {"batch_ids": ids, "duplicates": dup_rows, "rows": sum(b.num_rows for b in fresh)}
             if not fresh or out["rows"] == 0:
                 self._consumed_ids.update(ids)
+                self._join_peers(peer_calls)
                 return out | {"consumed": 0, "dropped_for_lag": 0, "skipped": 1.0, "step": self.step,
                               "version": int(self.policy.version), "weights": None}
             table = pa.Table.from_batches(fresh)
@@ -205,16 +243,28 @@ class LearnerWorker:
                     out[f.name] = float(table.column(f.name).to_numpy(zero_copy_only=False).mean())
             weights = None
             t_publish = time.perf_counter()
-            if not skipped:
+            if not skipped and self.rank == 0:
                 self.publish()
                 weights = self._published
             out["weights"] = weights
             out["publish_seconds"] = time.perf_counter() - t_publish
             out["prepare_seconds"] = t0 - t_start - waited  # fetch, decode and preprocess the batch
             out["lock_wait_seconds"] = waited
+            self._join_peers(peer_calls)
             out["learner_seconds"] = time.perf_counter() - t_start - waited
             self._metrics.update(kept, dropped, lags.tolist(), update_s, out["learner_seconds"])
             return out
+
+    def _join_peers(self, calls: list) -> None:
+        """Wait for the other ranks' share of this step; they must agree on the policy version."""
+        if not calls:
+            return
+        import ray
+
+        for r, stats in enumerate(ray.get(calls), start=1):
+            if int(stats["version"]) != int(self.policy.version):
+                raise RuntimeError(f"data-parallel learner rank {r} is at policy version {stats['version']}, "
+                                   f"rank 0 at {self.policy.version}: the ranks diverged")
 
     def update_from_queue(self, queue: Any, n: int = 1, timeout: float | None = None) -> dict:
         """Pop ``n`` items from the rollout queue (each a ``[ref]`` or a record batch) and
@@ -270,9 +320,16 @@ class LearnerWorker:
         return self._resume_state
 
     def info(self) -> dict:
-        return {"role": "learner", "pid": self.pid, "node_id": self.node_id, "host": socket.gethostname(),
-                "step": self.step, "version": int(self.policy.version), "device": self.device,
-                "totals": dict(self.totals), "trainable_parameters": self.policy.num_trainable_parameters()}
+        """Where this rank runs and what it holds; rank 0 also lists the other ranks' ``info``."""
+        out = {"role": "learner", "rank": self.rank, "pid": self.pid, "node_id": self.node_id,
+               "host": socket.gethostname(), "step": self.step, "version": int(self.policy.version),
+               "device": self.device, "totals": dict(self.totals),
+               "trainable_parameters": self.policy.num_trainable_parameters()}
+        if self._peers:
+            import ray
+
+            out["peers"] = ray.get([p.info.remote() for p in self._peers])
+        return out
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return self.policy.trainable_state_dict()

@@ -121,12 +121,14 @@ class A2CUpdater:
             ratios are exactly 1 on-policy).
     """
 
-    def __init__(self, policy: Any, cfg: LearnerConfig, *, temperature: float = 1.0, min_new_tokens: int = 0):
+    def __init__(self, policy: Any, cfg: LearnerConfig, *, temperature: float = 1.0, min_new_tokens: int = 0,
+                 group: Any = None):
         if cfg.micro_batch_size and cfg.normalize_advantages:
             raise ValueError("learner.micro_batch_size cannot be combined with learner.normalize_advantages "
                              "(whitening needs the whole batch's advantages at once)")
         self.policy = policy
         self.cfg = cfg
+        self.group = group  # learner.data_parallel.DataParallelGroup: this rank's share of every batch
         self.temperature = float(temperature)
         self.min_new_tokens = int(min_new_tokens)
         value_ids = {id(p) for p in policy.value_head.parameters()}
@@ -219,11 +221,13 @@ class A2CUpdater:
 
         policy.train()
         self.optimizer.zero_grad(set_to_none=True)
-        chunks = self.micro_batches(int(tokens.shape[0]))
+        b_kept = int(tokens.shape[0])
+        rows_here = self.group.shard(b_kept) if self.group is not None else slice(0, b_kept)
+        chunks = self.micro_batches(rows_here.stop, start=rows_here.start)
         n_tokens = mask.sum().clamp(min=1)
         forwards = []
         for rows in chunks:
-            if len(chunks) == 1:
+            if len(chunks) == 1 and self.group is None:
                 chunk_pixels, chunk_index = pixels, image_index
             else:  # only the images this micro-batch uses go through the vision tower
                 chunk_used, chunk_index = torch.unique(image_index[rows], return_inverse=True)
@@ -237,7 +241,14 @@ class A2CUpdater:
             # batch's tokens, the gradients add up to those of the whole batch's loss.
             (terms.loss * (mask[rows].sum() / n_tokens)).backward()
             forwards.append(PolicyForward(*(t.detach() for t in fwd)))
-        if len(chunks) > 1:  # the batch's statistics, from the detached outputs of all micro-batches
+        if self.group is not None:  # sum the ranks' gradients; statistics from every rank's outputs
+            self.group.all_reduce_grads(self.params)
+            empty = tokens.new_zeros((0, tokens.shape[1]), dtype=torch.float32)
+            local = [torch.cat(ts) for ts in zip(*forwards)] if forwards else [empty] * 3
+            with torch.no_grad():
+                fwd = PolicyForward(*(self.group.gather_rows(t, b_kept) for t in local))
+                terms = self._losses(fwd, blp, rewards, mask, rloo_adv)
+        elif len(chunks) > 1:  # the batch's statistics, from the detached outputs of all micro-batches
             with torch.no_grad():
                 fwd = PolicyForward(*(torch.cat(ts) for ts in zip(*forwards)))
                 terms = self._losses(fwd, blp, rewards, mask, rloo_adv)
@@ -270,6 +281,7 @@ class A2CUpdater:
                 is_weight_mean=float(masked_mean(terms.weights, mask)) if terms.weights is not None else 1.0,
                 is_clipped_frac=float(terms.clipped_frac),
                 micro_batches=float(len(chunks)),
+                data_parallel_workers=float(self.group.world if self.group is not None else 1),
                 policy_lag_mean=float(lags.mean()),
                 policy_lag_max=float(lags.max()),
                 tokens=float(mask.sum()),
@@ -278,11 +290,11 @@ class A2CUpdater:
             )
         return base | stats
 
-    def micro_batches(self, b: int) -> list[slice]:
-        """Row slices of a ``b``-caption batch, ``learner.micro_batch_size`` captions each (one
-        slice when it is 0 or at least ``b``)."""
-        size = int(self.cfg.micro_batch_size) or b
-        return [slice(i, min(i + size, b)) for i in range(0, b, size)] or [slice(0, 0)]
+    def micro_batches(self, stop: int, start: int = 0) -> list[slice]:
+        """Row slices of rows ``start:stop``, ``learner.micro_batch_size`` captions each (one slice
+        when it is 0 or covers them all; none when there are no rows)."""
+        size = int(self.cfg.micro_batch_size) or max(stop - start, 1)
+        return [slice(i, min(i + size, stop)) for i in range(start, stop, size)]
 
     def _losses(self, fwd: PolicyForward, blp: Tensor, rewards: Tensor, mask: Tensor,
                 rloo_adv: Tensor | None) -> "LossTerms":

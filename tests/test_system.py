@@ -171,13 +171,57 @@ def test_reward_nan_names_rollout_ids(paths, tmp_path):
     assert e.value.rollout_ids == ["bad-batch-1"] and e.value.batch_ids == ["bad-batch"]
 
 
-def test_data_parallel_learner_is_a_clear_error(paths, tmp_path):
-    from learner.actor import LearnerWorker
+def _scored_batch(cfg, batch_id: str, n_images: int = 3, k: int = 2):
+    """A scored rollout batch of dataset rows 0..n_images-1, sampled by the base policy."""
+    from vlrm.data import ImageDataset, split_path
+    from vlrm.policy import CaptionPolicy
+    from vlrm.schema import make_rollout_batch, with_rewards
 
-    cfg = _cfg(paths, tmp_path, "dp", 1)
-    cfg.learner.data_parallel_workers = 2
-    with pytest.raises(NotImplementedError, match="data_parallel_workers"):
-        LearnerWorker(cfg, str(tmp_path), publish=False)
+    policy = CaptionPolicy.from_config(cfg.policy)
+    images, _, _ = ImageDataset.open(split_path(cfg.data.root, cfg.data.train_split)).images(list(range(n_images)))
+    s = policy.sample(policy.preprocess(images), k, max_new_tokens=6, seed=0)
+    n = s.lengths.tolist()
+    batch = make_rollout_batch(batch_id=batch_id, actor_id="test", policy_version=0,
+                               image_rows=s.image_index.tolist(), sample_index=[i % k for i in range(len(s))],
+                               texts=s.texts, tokens=[t[:m] for t, m in zip(s.tokens.tolist(), n)],
+                               logprobs=[lp[:m] for lp, m in zip(s.logprobs.tolist(), n)])
+    return with_rewards(batch, torch.linspace(-1.0, 2.0, len(s)), {})
+
+
+def test_data_parallel_learner_takes_the_step_of_one_learner(paths, tmp_path, ray_local):
+    """Two ranks, each on half of a 6-caption batch (the middle image split across them), end with
+    the statistics and weights of one learner on the whole batch, and hold identical copies."""
+    ray = ray_local
+    from learner.actor import LearnerActor, learner_actor_options
+
+    lr = 1e-2
+    cfg = _cfg(paths, tmp_path, "dp", 1, learner__lr=lr)
+    batch = ray.put(_scored_batch(cfg, "dp-1"))
+    fresh = LearnerActor.options(**learner_actor_options(cfg)).remote(cfg, str(tmp_path / "fresh"))
+    before = ray.get(fresh.trainable_state_dict.remote())
+    got = {}
+    for world in (1, 2):
+        cfg.learner.data_parallel_workers = world
+        learner = LearnerActor.options(name=f"dp{world}.learner", **learner_actor_options(cfg)).remote(
+            cfg, str(tmp_path / f"dp{world}"))
+        stats = ray.get(learner.update.remote([batch]))
+        assert stats["data_parallel_workers"] == world and stats["consumed"] == 6 and stats["version"] == 1
+        got[world] = (stats, ray.get(learner.trainable_state_dict.remote()), learner)
+    (one, w1, _), (two, w2, rank0) = got[1], got[2]
+    for key in ("loss", "policy_loss", "value_loss", "grad_norm", "advantage_std", "tokens"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    step = max(float((w1[n] - before[n]).abs().max()) for n in w1 if "qformer" in n)
+    assert step > 0.5 * lr  # AdamW's first step moves weights by about lr
+    # The same step up to float rounding, which AdamW's first step (about lr * sign(grad)) can only
+    # amplify where a gradient is ~0: within 1 % of the step everywhere.
+    for name in w1:
+        assert float((w2[name] - w1[name]).abs().max()) <= 0.01 * lr, name
+    assert [p["rank"] for p in ray.get(rank0.info.remote())["peers"]] == [1]
+    rank1 = ray.get_actor("dp2.learner-1")
+    for name, t in ray.get(rank1.trainable_state_dict.remote()).items():
+        assert torch.equal(t, w2[name]), name  # the ranks hold identical copies
+    for a in (got[1][2], rank0, fresh):
+        ray.kill(a)
 
 
 # ------------------------------------------------------------------------------ whole runs
@@ -223,6 +267,25 @@ def test_run_distributed(paths, tmp_path, ray_local, mode):
         assert recs[-1]["policy_version"] == 6
         acc = _check_accounting(run)
         assert acc["steps"] == 2 and acc["final_step"] == 6
+
+
+def test_async_run_with_two_learner_ranks(paths, tmp_path, ray_local):
+    """The whole system with a data-parallel learner: prefetched updates reach both ranks in order,
+    every rollout is accounted for, and the run resumes from rank 0's checkpoint."""
+    from actors.system import run_distributed
+    from vlrm.run import read_metrics
+
+    cfg = _cfg(paths, tmp_path, "dp_run", 4, learner__data_parallel_workers=2, learner__checkpoint_every=2)
+    cfg.eval.val_every = 0
+    run = run_distributed(cfg)
+    acc = _check_accounting(run)
+    assert acc["final_step"] == 4 and "learner-1" in acc["nodes"]
+    recs = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all(r["learner/data_parallel_workers"] == 2 for r in recs)
+    cfg.total_steps = 5
+    run_distributed(cfg, resume=run)
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")][-1] == 5
 
 
 def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(paths, tmp_path, ray_local):

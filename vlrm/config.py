@@ -166,7 +166,7 @@ class LearnerConfig:
     num_cpus: float = 1.0  # CPUs reserved for the learner
     checkpoint_every: int = 50  # save a checkpoint every this many steps; 0 disables (a final one is still saved)
     log_every: int = 1  # print and log metrics every this many steps
-    data_parallel_workers: int = 1  # learner workers in data parallel (gradients averaged)
+    data_parallel_workers: int = 1  # learner ranks in data parallel: each updates on its share of every batch, gradients summed (torch.distributed)
     micro_batch_size: int = 0  # captions per learner forward/backward (gradients accumulated, same update); 0: the whole batch at once
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources for the learner, e.g. {learner: 1}
 
@@ -670,6 +670,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(l.checkpoint_every >= 0, "learner.checkpoint_every", f"must be >= 0 (0 disables), got {l.checkpoint_every}")
     need(l.log_every >= 1, "learner.log_every", f"must be >= 1, got {l.log_every}")
     need(l.data_parallel_workers >= 1, "learner.data_parallel_workers", f"must be >= 1, got {l.data_parallel_workers}")
+    need(l.data_parallel_workers == 1 or cfg.mode != "local", "learner.data_parallel_workers",
+         f"{l.data_parallel_workers} ranks need the Ray system (mode async or sync); the local loop has one learner")
     need(l.micro_batch_size >= 0, "learner.micro_batch_size", f"must be >= 0, got {l.micro_batch_size}")
     need(not (l.micro_batch_size and l.normalize_advantages), "learner.micro_batch_size",
          "cannot be combined with learner.normalize_advantages (whitening needs the whole batch's advantages "
