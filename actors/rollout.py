@@ -341,7 +341,8 @@ class _RolloutMetrics:
 
     def generated(self, rows: int, seconds: float) -> None:
         if self.ok:
-            self.samples.inc(rows, tags=self.tags)
+            if rows:  # Ray counters refuse 0 (a batch of unreadable images has no rows)
+                self.samples.inc(rows, tags=self.tags)
             self.rate.set(rows / max(seconds, 1e-9), tags=self.tags)
             self.gen_s.observe(seconds, tags=self.tags)
 

@@ -322,6 +322,7 @@ class LearnerWorker:
     def info(self) -> dict:
         """Where this rank runs and what it holds; rank 0 also lists the other ranks' ``info``."""
         out = {"role": "learner", "rank": self.rank, "pid": self.pid, "node_id": self.node_id,
+               "nice": os.getpriority(os.PRIO_PROCESS, 0),
                "host": socket.gethostname(), "step": self.step, "version": int(self.policy.version),
                "device": self.device, "totals": dict(self.totals),
                "trainable_parameters": self.policy.num_trainable_parameters()}
@@ -390,7 +391,8 @@ class _LearnerMetrics:
     def update(self, kept: int, dropped: int, lags: list[float], update_s: float, total_s: float) -> None:
         if not self.ok:
             return
-        self.consumed.inc(kept, tags=self.tags)
+        if kept:  # Ray counters refuse 0 (a batch dropped whole for lag keeps none)
+            self.consumed.inc(kept, tags=self.tags)
         if dropped:
             self.dropped.inc(dropped, tags=self.tags)
         self.rate.set((kept + dropped) / max(total_s, 1e-9), tags=self.tags)
@@ -407,9 +409,14 @@ class _LearnerMetrics:
 def learner_actor_options(cfg: RunConfig, resources: Mapping[str, float] | None = None) -> dict:
     """``.options(...)`` of the learner: ``cfg.learner`` CPUs/GPUs, no restarts (a lost learner
     ends the run; resume from its last checkpoint), three threads (``get_weights`` beside a
-    running update and the prefetched next one)."""
+    running update and the prefetched next one). With ``learner.niceness`` set, its process
+    starts at that niceness instead of the 15 Ray gives worker processes (Ray's own
+    ``RAY_worker_niceness``, which its job supervisor sets to 0 the same way; the actor's
+    ``env_vars`` are merged with the job's runtime environment)."""
     opts: dict[str, Any] = {"num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.learner.num_gpus,
                             "max_restarts": 0, "max_concurrency": 3}
+    if cfg.learner.niceness is not None:
+        opts["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(int(cfg.learner.niceness))}}
     if resources:
         opts["resources"] = dict(resources)
     return opts

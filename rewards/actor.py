@@ -251,7 +251,8 @@ class _RewardMetrics:
     def scored(self, call: dict, seconds: float) -> None:
         if not self.ok:
             return
-        self.samples.inc(call["rows"], tags=self.tags)
+        if call["rows"]:  # Ray counters refuse 0
+            self.samples.inc(call["rows"], tags=self.tags)
         self.rate.set(call["rows"] / max(seconds, 1e-9), tags=self.tags)
         self.seconds.observe(seconds, tags=self.tags)
         self.merged.observe(call["batches"], tags=self.tags)

@@ -243,6 +243,8 @@ def test_cross_field_validation():
     assert load_config(overrides=["rollout.nice=10"]).rollout.nice == 10
     with pytest.raises(ConfigError, match=r"'reward.nice'.*\[0, 19\]"):
         load_config(overrides=["reward.nice=20"])
+    with pytest.raises(ConfigError, match=r"'learner.niceness'"):
+        load_config(overrides=["learner.niceness=-5"])
     with pytest.raises(ConfigError, match=r"'learner.data_parallel_workers'.*mode async or sync"):
         load_config(overrides=["mode=local", "learner.data_parallel_workers=2"])
     with pytest.raises(ConfigError, match=r"'learner.micro_batch_size'.*normalize_advantages"):

@@ -89,7 +89,7 @@ def test_actors_generate_score_update_and_push(paths, tmp_path, ray_local):
     from learner.actor import LearnerActor, learner_actor_options
     from rewards.actor import RewardActor, reward_actor_options
 
-    cfg = _cfg(paths, tmp_path, "actors", 1, rollout__nice=3)
+    cfg = _cfg(paths, tmp_path, "actors", 1, rollout__nice=3, learner__niceness=4)
     cfg.reward.batch_wait_s = 0.5
     cfg.reward.nice = 2
     learner = LearnerActor.options(**learner_actor_options(cfg)).remote(cfg, str(tmp_path / "actors"))
@@ -97,6 +97,7 @@ def test_actors_generate_score_update_and_push(paths, tmp_path, ray_local):
     rew = RewardActor.options(**reward_actor_options(cfg)).remote(cfg, "reward-0")
     assert ray.get(roll.info.remote())["nice"] >= os.getpriority(os.PRIO_PROCESS, 0) + 3  # yields to the learner
     assert ray.get(rew.info.remote())["nice"] >= os.getpriority(os.PRIO_PROCESS, 0) + 2
+    assert ray.get(learner.info.remote())["nice"] == 4  # not the 15 Ray gives its worker processes
 
     b1, m1 = roll.generate.remote([0, 1], "t-1")
     b2, m2 = roll.generate.remote([2, 3], "t-2")
@@ -186,6 +187,24 @@ def _scored_batch(cfg, batch_id: str, n_images: int = 3, k: int = 2):
                                texts=s.texts, tokens=[t[:m] for t, m in zip(s.tokens.tolist(), n)],
                                logprobs=[lp[:m] for lp, m in zip(s.logprobs.tolist(), n)])
     return with_rewards(batch, torch.linspace(-1.0, 2.0, len(s)), {})
+
+
+def test_learner_actor_counts_a_batch_dropped_whole_for_lag(paths, tmp_path, ray_local):
+    """A batch whose every rollout is too old is counted as dropped, no step is taken, and the
+    learner actor (with its Ray metrics) carries on."""
+    ray = ray_local
+    from learner.actor import LearnerActor, learner_actor_options
+
+    cfg = _cfg(paths, tmp_path, "stale", 1)  # max_policy_lag 2; the batches are sampled at version 0
+    learner = LearnerActor.options(**learner_actor_options(cfg)).remote(cfg, str(tmp_path / "stale"))
+    for i in range(3):
+        assert ray.get(learner.update.remote([_scored_batch(cfg, f"s-{i}")]))["consumed"] == 6
+    stats = ray.get(learner.update.remote([_scored_batch(cfg, "s-3")]))  # lag 3
+    assert stats["consumed"] == 0 and stats["dropped_for_lag"] == 6 and stats["skipped"] == 1.0
+    assert ray.get(learner.update.remote([_scored_batch(cfg, "s-4", n_images=1)]))["dropped_for_lag"] == 2
+    info = ray.get(learner.info.remote())
+    assert info["version"] == 3 and info["totals"]["dropped_for_lag"] == 8 and info["totals"]["skipped_steps"] == 2
+    ray.kill(learner)
 
 
 def test_data_parallel_learner_takes_the_step_of_one_learner(paths, tmp_path, ray_local):

@@ -162,6 +162,7 @@ class LearnerConfig:
     max_policy_lag: int = 4  # rollouts more than this many policy versions old are dropped (and counted)
     queue_size: int = 8  # capacity of the rollout queue between actors and learner
     prefetch: bool = True  # async mode: queue the learner's next update behind the running one (no idle round trip per step)
+    niceness: Optional[int] = None  # niceness of the learner's process, 0-19; null: Ray's default for workers (15). Lower runs the learner first where roles share CPU cores
     num_gpus: float = 0.0  # GPUs reserved for the learner
     num_cpus: float = 1.0  # CPUs reserved for the learner
     checkpoint_every: int = 50  # save a checkpoint every this many steps; 0 disables (a final one is still saved)
@@ -673,6 +674,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(l.data_parallel_workers == 1 or cfg.mode != "local", "learner.data_parallel_workers",
          f"{l.data_parallel_workers} ranks need the Ray system (mode async or sync); the local loop has one learner")
     need(l.micro_batch_size >= 0, "learner.micro_batch_size", f"must be >= 0, got {l.micro_batch_size}")
+    need(l.niceness is None or 0 <= l.niceness <= 19, "learner.niceness", f"must be null or in [0, 19], got {l.niceness}")
     need(not (l.micro_batch_size and l.normalize_advantages), "learner.micro_batch_size",
          "cannot be combined with learner.normalize_advantages (whitening needs the whole batch's advantages "
          "at once); set one of them to 0/false")
