@@ -152,3 +152,51 @@ def test_probe_cli_rejects_a_model_without_a_vision_tower(tiny_clip_dir, capsys)
     with pytest.raises(SystemExit) as ei:
         main(["--model", str(tiny_clip_dir)])
     assert ei.value.code == 2 and "not a saved transformers model" in capsys.readouterr().err
+
+
+def test_ceiling_descriptions_drop_and_falsify_what_they_are_told():
+    from shapes_world.ceiling import VARIANTS, describe
+    from shapes_world.world import sample_scene
+
+    rng = np.random.default_rng(3)
+    scenes = [sample_scene(rng) for _ in range(40)]
+    dicts = [sc.to_dict() for sc in scenes]
+    assert [describe(d, rng) for d in dicts] == [full_description(sc) for sc in scenes]
+    single = [(sc, d) for sc, d in zip(scenes, dicts) if len(sc.objects) == 1]  # no other object to match
+    assert len(single) >= 5
+    for kw, kind in ((dict(shape_p=0.0), "precision_shape"), (dict(position_p=0.0), "precision_position"),
+                     (dict(size_p=0.0), "precision_size"), (dict(color_p=0.0), "precision_color")):
+        wrong = attribute_scores([describe(d, rng, **kw) for _, d in single], [sc for sc, _ in single])
+        assert wrong[kind] == 0.0, kind  # every such word is false, by the project's own parser
+        if kind != "precision_shape":  # (words bound to a wrong shape are false too)
+            assert wrong["attribute_precision"] == pytest.approx(0.8)  # shape, 2 others, background true
+    bare = [describe(d, rng, shape=False, size=False, background=False) for d in dicts]
+    assert all(b.count("object") == len(sc.objects) and "background" not in b for b, sc in zip(bare, scenes))
+    assert not any(w in b.split() for b in bare for w in SHAPES + SIZES)
+    assert len(VARIANTS) >= 8 and all(isinstance(kw, dict) for kw in VARIANTS.values())
+
+
+def test_ceiling_probe_of_a_captioner(tiny_captioner_dir):
+    from shapes_world.ceiling import WRONG, prefers_truth
+    from shapes_world.world import sample_scene
+    from vlrm.config import PolicyConfig
+    from vlrm.policy import CaptionPolicy
+
+    policy = CaptionPolicy.from_config(PolicyConfig(model_path=str(tiny_captioner_dir)))
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(6)]
+    pixels = policy.preprocess([render(sc) for sc in scenes])
+    out = prefers_truth(policy, pixels, [sc.to_dict() for sc in scenes], rng)
+    assert set(out) == set(WRONG)
+    for v in out.values():
+        assert 0.0 <= v["prefers_truth"] <= 1.0 and np.isfinite(v["gap_nats"])
+    # every word it scores is in the captioner's vocabulary (none is scored as <unk>), no BOS added
+    from shapes_world.ceiling import describe
+
+    tok = policy.tokenizer
+    for kw in [{}] + list(WRONG.values()):
+        for sc in scenes:
+            text = describe(sc.to_dict(), rng, **kw)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids and tok.bos_token_id not in ids
+            assert tok.decode(ids).replace(" ,", ",") == text
