@@ -136,18 +136,22 @@ class RepetitionPenalty:
 
     The word term skips :data:`DEFAULT_FUNCTION_WORDS` by default (repeating "a" or "and" is
     normal; penalising it would push captions away from listing several objects); pass
-    ``ignore_words=()`` to count every word.
+    ``ignore_words=()`` to count every word, or ``count_words=False`` to drop the word term
+    (then a caption that names two small objects pays nothing for the second "small").
 
     Args:
         n: n-gram order of the second term, >= 2 (the first term is the unigram one).
         ignore_words: words not counted as repeated words; ``None`` = function words.
+        count_words: keep the repeated-word term.
         name: logging key.
     """
 
-    def __init__(self, n: int = 2, ignore_words: Iterable[str] | None = None, name: str = "repeat"):
+    def __init__(self, n: int = 2, ignore_words: Iterable[str] | None = None, count_words: bool = True,
+                 name: str = "repeat"):
         if n < 2:
             raise ValueError(f"n must be >= 2 (repeated words are the n=1 term), got {n}")
         self.n = n
+        self.count_words = bool(count_words)
         self.ignore_words = frozenset(
             DEFAULT_FUNCTION_WORDS if ignore_words is None else (w.lower() for w in ignore_words)
         )
@@ -155,13 +159,14 @@ class RepetitionPenalty:
 
     def score(self, caption: str) -> float:
         toks = words(caption)
-        return -(_repeat_share(toks, 1, self.ignore_words) + _repeat_share(toks, self.n))
+        word_term = _repeat_share(toks, 1, self.ignore_words) if self.count_words else 0.0
+        return -(word_term + _repeat_share(toks, self.n))
 
     def __call__(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
         return torch.tensor([self.score(c) for c in captions], dtype=torch.float32)
 
     def __repr__(self) -> str:
-        return f"RepetitionPenalty(n={self.n})"
+        return f"RepetitionPenalty(n={self.n}, count_words={self.count_words})"
 
 
 class LengthReward:
