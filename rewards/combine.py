@@ -292,7 +292,7 @@ def _bad(cfg: Any, captioner_path: str, device: str) -> Callable:
 def _repeat(cfg: Any, captioner_path: str, device: str) -> Callable:
     from rewards.penalties import RepetitionPenalty
 
-    return RepetitionPenalty(n=cfg.repeat_ngram, count_words=getattr(cfg, "repeat_words", True))
+    return RepetitionPenalty(n=cfg.repeat_ngram, words=getattr(cfg, "repeat_words", "all"))
 
 
 def _length(cfg: Any, captioner_path: str, device: str) -> Callable:

@@ -136,22 +136,28 @@ class RepetitionPenalty:
 
     The word term skips :data:`DEFAULT_FUNCTION_WORDS` by default (repeating "a" or "and" is
     normal; penalising it would push captions away from listing several objects); pass
-    ``ignore_words=()`` to count every word, or ``count_words=False`` to drop the word term
-    (then a caption that names two small objects pays nothing for the second "small").
+    ``ignore_words=()`` to count every word. ``words`` chooses which repeats the word term
+    counts: ``"all"`` (any earlier occurrence), ``"adjacent"`` (only a word equal to the one just
+    before it, "red red": a caption naming two small objects pays nothing for the second
+    "small", a stutter still pays) or ``"none"`` (no word term).
 
     Args:
         n: n-gram order of the second term, >= 2 (the first term is the unigram one).
         ignore_words: words not counted as repeated words; ``None`` = function words.
-        count_words: keep the repeated-word term.
+        words: ``"all"``, ``"adjacent"`` or ``"none"`` (see above).
         name: logging key.
     """
 
-    def __init__(self, n: int = 2, ignore_words: Iterable[str] | None = None, count_words: bool = True,
+    WORD_MODES = ("all", "adjacent", "none")
+
+    def __init__(self, n: int = 2, ignore_words: Iterable[str] | None = None, words: str = "all",
                  name: str = "repeat"):
         if n < 2:
             raise ValueError(f"n must be >= 2 (repeated words are the n=1 term), got {n}")
+        if words not in self.WORD_MODES:
+            raise ValueError(f"words must be one of {self.WORD_MODES}, got {words!r}")
         self.n = n
-        self.count_words = bool(count_words)
+        self.words = words
         self.ignore_words = frozenset(
             DEFAULT_FUNCTION_WORDS if ignore_words is None else (w.lower() for w in ignore_words)
         )
@@ -159,14 +165,20 @@ class RepetitionPenalty:
 
     def score(self, caption: str) -> float:
         toks = words(caption)
-        word_term = _repeat_share(toks, 1, self.ignore_words) if self.count_words else 0.0
+        if self.words == "all":
+            word_term = _repeat_share(toks, 1, self.ignore_words)
+        elif self.words == "adjacent":
+            stutters = sum(1 for a, b in zip(toks, toks[1:]) if a == b and b not in self.ignore_words)
+            word_term = stutters / len(toks) if toks else 0.0
+        else:
+            word_term = 0.0
         return -(word_term + _repeat_share(toks, self.n))
 
     def __call__(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
         return torch.tensor([self.score(c) for c in captions], dtype=torch.float32)
 
     def __repr__(self) -> str:
-        return f"RepetitionPenalty(n={self.n}, count_words={self.count_words})"
+        return f"RepetitionPenalty(n={self.n}, words={self.words!r})"
 
 
 class LengthReward:

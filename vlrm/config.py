@@ -138,7 +138,7 @@ class RewardConfig:
     )  # weight of each reward component in the total reward (0 turns a term off)
     bad_phrases: Optional[list[str]] = None  # phrases penalised by the 'bad' term; null: the built-in defaults
     repeat_ngram: int = 2  # n of the repeated n-grams the 'repeat' term penalises
-    repeat_words: bool = True  # the 'repeat' term also counts repeated content words (false: repeated n-grams only)
+    repeat_words: Literal["all", "adjacent", "none"] = "all"  # repeated content words the 'repeat' term counts: any repeat, only "red red", or none (n-grams only)
     kl_coef: float = 0.0  # KL-to-reference penalty coefficient, an alternative to the 'ref' term; 0 disables
     max_restarts: int = 3  # times Ray restarts a dead reward actor (-1: forever)
     max_task_retries: int = 3  # times Ray retries a scoring call on a restarted actor (-1: forever)
