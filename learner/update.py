@@ -123,9 +123,9 @@ class A2CUpdater:
 
     def __init__(self, policy: Any, cfg: LearnerConfig, *, temperature: float = 1.0, min_new_tokens: int = 0,
                  group: Any = None):
-        if cfg.micro_batch_size and cfg.normalize_advantages:
-            raise ValueError("learner.micro_batch_size cannot be combined with learner.normalize_advantages "
-                             "(whitening needs the whole batch's advantages at once)")
+        if (cfg.micro_batch_size or group is not None) and cfg.normalize_advantages:
+            raise ValueError("learner.normalize_advantages cannot be combined with learner.micro_batch_size or a "
+                             "data-parallel learner (whitening needs the whole batch's advantages at once)")
         self.policy = policy
         self.cfg = cfg
         self.group = group  # learner.data_parallel.DataParallelGroup: this rank's share of every batch

@@ -249,6 +249,8 @@ def test_cross_field_validation():
         load_config(overrides=["mode=local", "learner.data_parallel_workers=2"])
     with pytest.raises(ConfigError, match=r"'learner.micro_batch_size'.*normalize_advantages"):
         load_config(overrides=["learner.micro_batch_size=8", "learner.normalize_advantages=true"])
+    with pytest.raises(ConfigError, match=r"'learner.data_parallel_workers'.*normalize_advantages"):
+        load_config(overrides=["learner.data_parallel_workers=2", "learner.normalize_advantages=true"])
     assert load_config(overrides=["rollout.top_p=0"], check=False).rollout.top_p == 0.0
 
 

@@ -679,6 +679,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(not (l.micro_batch_size and l.normalize_advantages), "learner.micro_batch_size",
          "cannot be combined with learner.normalize_advantages (whitening needs the whole batch's advantages "
          "at once); set one of them to 0/false")
+    need(not (l.data_parallel_workers > 1 and l.normalize_advantages), "learner.data_parallel_workers",
+         "cannot be combined with learner.normalize_advantages (each rank would whiten only its share of the "
+         "batch); set one of them to 1/false")
     need(
         l.baseline != "rloo" or r.samples_per_image >= 2,
         "learner.baseline",
