@@ -63,22 +63,25 @@ def timed(fns: list, repeats: int, device: torch.device) -> list[float]:
     return [sorted(t)[len(t) // 2] for t in runs]
 
 
-def work_gib(device: torch.device, fn) -> float:
-    """Runs ``fn``; returns the GPU memory (GiB) it needed above what was allocated before (its
-    activations, caches and outputs), NaN off CUDA."""
+def work_gib(device: torch.device, fn) -> tuple[object, float]:
+    """Runs ``fn``; returns its result and the GPU memory (GiB) it needed above what was
+    allocated before (its activations, caches and outputs), NaN off CUDA."""
     if device.type != "cuda":
-        fn()
-        return math.nan
+        return fn(), math.nan
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    fn()
+    out = fn()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**30
+    return out, (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
 def gib(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**30
+
+
+def module_gib(module: torch.nn.Module) -> float:
+    return gib(list(module.parameters()) + list(module.buffers()))
 
 
 def bench_images(data: str, n: int) -> tuple[list, list[str]]:
@@ -122,7 +125,7 @@ def main() -> None:
     pix = policy.preprocess(images)
     model = policy.model
     n = a.images * a.k
-    rows = []  # (name, ours s, bare s or None, peak GiB)
+    rows = []  # (name, ours s, bare s or None, working GiB)
 
     # --- sampling
     def ours():
@@ -136,9 +139,8 @@ def main() -> None:
     # same length for both: a fair comparison needs the same number of decoding steps
     t_ours, t_bare = timed([ours, bare], a.repeats, device)
     policy.vision_calls = 0
-    mem = work_gib(device, ours)
+    samples, mem = work_gib(device, ours)
     calls_per_image = policy.vision_calls / a.images
-    samples = ours()
     rows.append(("sampling: policy.sample vs bare generate", t_ours, t_bare, mem))
 
     # --- learner update
@@ -168,8 +170,8 @@ def main() -> None:
 
     t_upd, t_fb = timed([update, bare_fwd_bwd], a.repeats, device)
     model.zero_grad(set_to_none=True)
-    rows.append(("learner update vs bare forward+backward", t_upd, t_fb, work_gib(device, update)))
-    weights = {"policy": gib(list(policy.parameters()) + list(policy.buffers())),
+    rows.append(("learner update vs bare forward+backward", t_upd, t_fb, work_gib(device, update)[1]))
+    weights = {"policy": module_gib(policy),
                "AdamW state": gib(t for st in updater.optimizer.state.values() for t in st.values()
                                   if torch.is_tensor(t))}
 
@@ -203,21 +205,20 @@ def main() -> None:
             clip_module.encode_text = trimmed
 
     t_trim, t_full = timed([score_clip, score_clip_full], a.repeats, device)
-    rows.append(("CLIP reward: trimmed text vs full context", t_trim, t_full, work_gib(device, score_clip)))
-    models = {"clip": lambda c: c.model, "itm": lambda c: c.model, "ref": lambda c: c.lm}
+    rows.append(("CLIP reward: trimmed text vs full context", t_trim, t_full, work_gib(device, score_clip)[1]))
     for name, comp in reward.components.items():
-        if name in models:
-            weights[f"{name} reward"] = gib(list(models[name](comp).parameters()) + list(models[name](comp).buffers()))
+        if name in ("clip", "itm", "ref"):
+            weights[f"{name} reward"] = module_gib(comp.lm if name == "ref" else comp.model)
         if name in ("itm", "ref"):
             fn = (lambda c=comp: c(reward_images, captions))
             (t,) = timed([fn], a.repeats, device)
-            rows.append((f"{name.upper()} reward", t, None, work_gib(device, fn)))
+            rows.append((f"{name.upper()} reward", t, None, work_gib(device, fn)[1]))
 
     def score_all():
         return reward(images, captions, image_index=[i for i in range(a.images) for _ in range(a.k)])
 
     (t_all,) = timed([score_all], a.repeats, device)
-    rows.append(("all rewards, one call: " + "+".join(reward.components), t_all, None, work_gib(device, score_all)))
+    rows.append(("all rewards, one call: " + "+".join(reward.components), t_all, None, work_gib(device, score_all)[1]))
 
     print(f"model={a.model} device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}) "
           f"dtype={a.dtype} reward_dtype={a.reward_dtype} images={a.images} k={a.k} max_new_tokens={a.max_new_tokens} "

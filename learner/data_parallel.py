@@ -64,7 +64,6 @@ class DataParallelGroup:
             raise RuntimeError("this process is already in a torch.distributed group; one learner rank per process")
         dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world,
                                 timeout=TIMEOUT)
-        self.pg = None  # the default group
 
     def shard(self, b: int) -> slice:
         """This rank's rows of a ``b``-row batch."""
@@ -75,7 +74,7 @@ class DataParallelGroup:
         for keeps ``grad=None`` (so AdamW leaves it alone, as with one learner); one that only some
         ranks have (a rank with no rows) counts as zero on the others."""
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device)
-        dist.all_reduce(has, group=self.pg)
+        dist.all_reduce(has)
         live = [p for p, n in zip(params, has.tolist()) if n > 0]
         for p in live:
             if p.grad is None:
@@ -83,7 +82,7 @@ class DataParallelGroup:
         if not live:
             return
         flat = torch.cat([p.grad.reshape(-1).to(self.device, torch.float32) for p in live])
-        dist.all_reduce(flat, group=self.pg)
+        dist.all_reduce(flat)
         offset = 0
         for p in live:
             n = p.numel()
@@ -98,7 +97,7 @@ class DataParallelGroup:
         padded[: local.shape[0]] = local
         padded = padded.to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded, group=self.pg)
+        dist.all_gather(parts, padded)
         return torch.cat([p[: s.stop - s.start] for p, s in zip(parts, slices)]).to(local.device)
 
     def broadcast_(self, tensors: list[Tensor]) -> None:
@@ -106,9 +105,5 @@ class DataParallelGroup:
         with torch.no_grad():
             for t in tensors:
                 buf = t.detach().to(self.device)
-                dist.broadcast(buf, src=0, group=self.pg)
+                dist.broadcast(buf, src=0)
                 t.copy_(buf.to(t.device))
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

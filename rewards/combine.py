@@ -260,27 +260,23 @@ RewardFactory = Callable[[Any, str, str], Callable]
 _CLIP_PRECISION = {"float32": "fp32", "bfloat16": "pure_bf16", "float16": "pure_fp16"}
 
 
-def _dtype_of(cfg: Any) -> str:
-    return getattr(cfg, "dtype", "float32")
-
-
 def _clip(cfg: Any, captioner_path: str, device: str) -> Callable:
     from rewards.clip_reward import ClipReward
 
     return ClipReward(cfg.clip_path, device=device, prompt_prefix=cfg.clip_prompt_prefix, contrast=cfg.clip_contrast,
-                      precision=_CLIP_PRECISION[_dtype_of(cfg)])
+                      precision=_CLIP_PRECISION[cfg.dtype])
 
 
 def _itm(cfg: Any, captioner_path: str, device: str) -> Callable:
     from rewards.itm_reward import ItmReward
 
-    return ItmReward(cfg.itm_path, device=device, dtype=_dtype_of(cfg))
+    return ItmReward(cfg.itm_path, device=device, dtype=cfg.dtype)
 
 
 def _ref(cfg: Any, captioner_path: str, device: str) -> Callable:
     from rewards.ref_lm import ReferenceLMReward
 
-    return ReferenceLMReward(lm_path=cfg.ref_lm_path, captioner_path=captioner_path, device=device, dtype=_dtype_of(cfg))
+    return ReferenceLMReward(lm_path=cfg.ref_lm_path, captioner_path=captioner_path, device=device, dtype=cfg.dtype)
 
 
 def _bad(cfg: Any, captioner_path: str, device: str) -> Callable:
@@ -292,7 +288,7 @@ def _bad(cfg: Any, captioner_path: str, device: str) -> Callable:
 def _repeat(cfg: Any, captioner_path: str, device: str) -> Callable:
     from rewards.penalties import RepetitionPenalty
 
-    return RepetitionPenalty(n=cfg.repeat_ngram, words=getattr(cfg, "repeat_words", "all"))
+    return RepetitionPenalty(n=cfg.repeat_ngram, word_repeats=cfg.repeat_words)
 
 
 def _length(cfg: Any, captioner_path: str, device: str) -> Callable:

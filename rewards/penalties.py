@@ -136,7 +136,7 @@ class RepetitionPenalty:
 
     The word term skips :data:`DEFAULT_FUNCTION_WORDS` by default (repeating "a" or "and" is
     normal; penalising it would push captions away from listing several objects); pass
-    ``ignore_words=()`` to count every word. ``words`` chooses which repeats the word term
+    ``ignore_words=()`` to count every word. ``word_repeats`` chooses which repeats the word term
     counts: ``"all"`` (any earlier occurrence), ``"adjacent"`` (only a word equal to the one just
     before it, "red red": a caption naming two small objects pays nothing for the second
     "small", a stutter still pays) or ``"none"`` (no word term).
@@ -144,20 +144,20 @@ class RepetitionPenalty:
     Args:
         n: n-gram order of the second term, >= 2 (the first term is the unigram one).
         ignore_words: words not counted as repeated words; ``None`` = function words.
-        words: ``"all"``, ``"adjacent"`` or ``"none"`` (see above).
+        word_repeats: ``"all"``, ``"adjacent"`` or ``"none"`` (see above).
         name: logging key.
     """
 
     WORD_MODES = ("all", "adjacent", "none")
 
-    def __init__(self, n: int = 2, ignore_words: Iterable[str] | None = None, words: str = "all",
+    def __init__(self, n: int = 2, ignore_words: Iterable[str] | None = None, word_repeats: str = "all",
                  name: str = "repeat"):
         if n < 2:
             raise ValueError(f"n must be >= 2 (repeated words are the n=1 term), got {n}")
-        if words not in self.WORD_MODES:
-            raise ValueError(f"words must be one of {self.WORD_MODES}, got {words!r}")
+        if word_repeats not in self.WORD_MODES:
+            raise ValueError(f"word_repeats must be one of {self.WORD_MODES}, got {word_repeats!r}")
         self.n = n
-        self.words = words
+        self.word_repeats = word_repeats
         self.ignore_words = frozenset(
             DEFAULT_FUNCTION_WORDS if ignore_words is None else (w.lower() for w in ignore_words)
         )
@@ -165,9 +165,9 @@ class RepetitionPenalty:
 
     def score(self, caption: str) -> float:
         toks = words(caption)
-        if self.words == "all":
+        if self.word_repeats == "all":
             word_term = _repeat_share(toks, 1, self.ignore_words)
-        elif self.words == "adjacent":
+        elif self.word_repeats == "adjacent":
             stutters = sum(1 for a, b in zip(toks, toks[1:]) if a == b and b not in self.ignore_words)
             word_term = stutters / len(toks) if toks else 0.0
         else:
@@ -178,7 +178,7 @@ class RepetitionPenalty:
         return torch.tensor([self.score(c) for c in captions], dtype=torch.float32)
 
     def __repr__(self) -> str:
-        return f"RepetitionPenalty(n={self.n}, words={self.words!r})"
+        return f"RepetitionPenalty(n={self.n}, word_repeats={self.word_repeats!r})"
 
 
 class LengthReward:

@@ -76,15 +76,13 @@ def prefers_truth(policy, pixel_values, scenes, rng: np.random.Generator) -> dic
     gives the true full description a higher teacher-forced log-probability than the description
     with every word of that kind wrong (0.5: it cannot tell), and the mean gap in nats."""
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
     def logprob(texts: list[str]):
         tok = policy.tokenizer
-        seqs = [tok(t, add_special_tokens=False)["input_ids"] + [policy.eos_token_id] for t in texts]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), policy.pad_token_id)
-        mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-        for i, seq in enumerate(seqs):
-            ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), True
+        seqs = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"] + [policy.eos_token_id]) for t in texts]
+        ids = pad_sequence(seqs, batch_first=True, padding_value=policy.pad_token_id)
+        mask = pad_sequence([torch.ones(len(q), dtype=torch.bool) for q in seqs], batch_first=True)
         with torch.no_grad():
             out = policy.forward_logprobs(pixel_values, ids, mask, torch.arange(len(seqs)), compute_entropy=False)
         return (out.logprobs * mask).sum(1)

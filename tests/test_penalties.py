@@ -47,20 +47,20 @@ def test_repetition_penalty():
     assert got == pytest.approx([-(2 / 3 + 1 / 2), 0.0, -(2 / 6 + 2 / 5), 0.0])
     strict = RepetitionPenalty(ignore_words=())
     assert strict(None, [caps[1]]).tolist() == pytest.approx([-1 / 7])
-    ngrams_only = RepetitionPenalty(words="none")
+    ngrams_only = RepetitionPenalty(word_repeats="none")
     assert ngrams_only(None, caps).tolist() == pytest.approx([-1 / 2, 0.0, -2 / 5, 0.0])
     # two small objects: the word term charges the second "small"; trigrams alone (as the shapes
     # config counts them) charge nothing, yet still catch a repeated phrase
     two = "a small red circle and a small blue square"
-    trigrams = RepetitionPenalty(n=3, words="none")
+    trigrams = RepetitionPenalty(n=3, word_repeats="none")
     assert RepetitionPenalty(n=3).score(two) == pytest.approx(-1 / 9) and trigrams.score(two) == 0.0
     assert trigrams.score("a red circle, a red circle") == pytest.approx(-1 / 4)
     # adjacent: only a stutter counts (2 of 7 words repeat the word before them; no trigram repeats)
-    adjacent = RepetitionPenalty(n=3, words="adjacent")
+    adjacent = RepetitionPenalty(n=3, word_repeats="adjacent")
     assert adjacent.score(two) == 0.0
     assert adjacent.score("a large blue blue blue circle and") == pytest.approx(-2 / 7)
-    with pytest.raises(ValueError, match="words must be one of"):
-        RepetitionPenalty(words="some")
+    with pytest.raises(ValueError, match="word_repeats must be one of"):
+        RepetitionPenalty(word_repeats="some")
     with pytest.raises(ValueError):
         RepetitionPenalty(n=1)
 
