@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shapes_world.world import alt_text, full_description, human_caption, png_bytes, render, sample_scene
+from shapes_world.world import alt_text, full_description, human_caption, png_bytes, render, sample_scene, thorough_caption
 
 SCHEMA = pa.schema([
     ("id", pa.int64()),
@@ -27,7 +27,9 @@ SCHEMA = pa.schema([
 ])
 DEFAULT_SIZES = {"train": 20000, "val": 1000, "test": 1000}
 # Bumped whenever the generator's output changes, so that an older world on disk is regenerated.
-WORLD_FORMAT = "shapes-world/2"
+WORLD_FORMAT = "shapes-world/4"
+# Share of human captions written by the rare thorough annotator (``thorough_caption``).
+P_THOROUGH = 0.05
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -36,10 +38,15 @@ def split_seed(seed: int, split: str) -> int:
 
 
 def generate_split(split: str, n: int, seed: int = 0, image_size: int = 64, n_captions: int = 5,
-                   n_alt: int = 3, unique: bool | None = None, exclude: set[str] | None = None) -> pa.Table:
+                   n_alt: int = 3, unique: bool | None = None, exclude: set[str] | None = None,
+                   p_thorough: float = P_THOROUGH) -> pa.Table:
     """Generate ``n`` scenes. ``unique`` (default: for val/test) rejects repeated descriptions, and
-    ``exclude`` rejects descriptions already used elsewhere (e.g. in train)."""
+    ``exclude`` rejects descriptions already used elsewhere (e.g. in train). ``p_thorough``: the
+    share of human captions replaced by a thorough one."""
     rng = np.random.default_rng(split_seed(seed, split))
+    # Thorough captions draw from their own stream: scenes, images and alt-texts do not depend on
+    # p_thorough (the reward and evaluator models were trained before it existed).
+    thorough_rng = np.random.default_rng(split_seed(seed, split + "/thorough"))
     unique = split != "train" if unique is None else unique
     seen: set[str] = set(exclude or ())
     rows: dict[str, list] = {name: [] for name in SCHEMA.names}
@@ -54,7 +61,9 @@ def generate_split(split: str, n: int, seed: int = 0, image_size: int = 64, n_ca
         rows["image"].append(png_bytes(img))
         rows["scene"].append(json.dumps(scene.to_dict()))
         rows["description"].append(desc)
-        rows["captions"].append([human_caption(scene, rng) for _ in range(n_captions)])
+        captions = [human_caption(scene, rng) for _ in range(n_captions)]
+        rows["captions"].append([thorough_caption(scene) if thorough_rng.random() < p_thorough else c
+                                 for c in captions])
         rows["alt_texts"].append([alt_text(scene, rng) for _ in range(n_alt)])
     return pa.table(rows, schema=SCHEMA)
 

@@ -131,6 +131,26 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+# ----------------------------------------------------------------------------- counterfactuals
+PERTURBATIONS = ("shape", "color", "size", "position", "background")
+
+
+def perturb_scene(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> Scene:
+    """The scene with exactly one fact made false: one object's shape, colour, size or position
+    (moved to an empty cell), or the background. ``kind`` (default: drawn) picks which."""
+    kind = PERTURBATIONS[rng.integers(len(PERTURBATIONS))] if kind is None else kind
+    if kind == "background":
+        others = [b for b in BACKGROUNDS if b != scene.background]
+        return Scene(others[rng.integers(len(others))], scene.objects)
+    objects = list(scene.objects)
+    i = int(rng.integers(len(objects)))
+    values = {"shape": SHAPES, "color": tuple(COLORS), "size": SIZES,
+              "position": tuple(p for p in POSITIONS if p not in {o.position for o in objects})}[kind]
+    others = [v for v in values if v != getattr(objects[i], kind)]
+    objects[i] = SceneObject(**(asdict(objects[i]) | {kind: others[rng.integers(len(others))]}))
+    return Scene(scene.background, tuple(sorted(objects, key=lambda o: POSITIONS.index(o.position))))
+
+
 # ----------------------------------------------------------------------------- text
 def full_description(scene: Scene) -> str:
     """The canonical complete description; unique per scene (test scenes never share one)."""
@@ -197,6 +217,14 @@ def human_caption(scene: Scene, rng: np.random.Generator, p_color: float = 0.2,
         return text + f" on a {scene.background} background" if rng.random() < p_background else text
     counts = _shape_counts(scene)
     return _join([_counted(s, c) for s, c in counts.items()])
+
+
+def thorough_caption(scene: Scene) -> str:
+    """The rare careful annotator: every object's size, colour, shape and position, in grid order,
+    and the background. A few such captions among the human ones (as COCO has a few thorough
+    captions) are a mode the captioner can sample but, being rare, not its greedy choice; RL has
+    to find it and make it common."""
+    return full_description(scene)
 
 
 POSITION_SYNONYMS = {

@@ -9,8 +9,8 @@ from PIL import Image
 from shapes_world.dataset import generate_split, write_world
 from shapes_world.parse import attribute_scores, parse_caption
 from shapes_world.tokenizer import build_tokenizer
-from shapes_world.world import (BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene, SceneObject, full_description,
-                                render)
+from shapes_world.world import (BACKGROUNDS, COLORS, PERTURBATIONS, POSITION_SYNONYMS, POSITIONS, SHAPES, SIZES, Scene, SceneObject,
+                                full_description, perturb_scene, render, sample_scene)
 from vlrm.metrics import COLOR_WORDS, words
 
 
@@ -93,6 +93,56 @@ def test_human_captions_are_true_short_and_rarely_coloured():
     alt = [r["alt_texts"][0] for r in t]
     assert np.mean([len(words(a)) for a in alt]) > 2 * np.mean([len(words(c)) for c in caps])
     assert np.mean([any(w in COLOR_WORDS for w in words(a)) for a in alt]) == 1.0
+
+
+def test_thorough_captions_are_rare_complete_and_change_nothing_else():
+    plain = generate_split("train", 300, seed=0, p_thorough=0.0)
+    mixed = generate_split("train", 300, seed=0)
+    for column in ("image", "scene", "alt_texts"):  # their own random stream: the world is unchanged
+        assert mixed.column(column).equals(plain.column(column)), column
+    changed = [(c, r) for r, p in zip(mixed.to_pylist(), plain.to_pylist()) for c, d in zip(r["captions"], p["captions"]) if c != d]
+    assert 0.02 < len(changed) / (300 * 5) < 0.09  # P_THOROUGH = 0.05, minus draws equal to the original
+    for caption, row in changed:
+        scene = Scene.from_dict(__import__("json").loads(row["scene"]))
+        assert caption == full_description(scene)  # every object's four facts in grid order, and the background
+
+
+@pytest.mark.parametrize("kind", PERTURBATIONS)
+def test_perturb_scene_makes_exactly_one_fact_false(kind):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = sample_scene(rng)
+        other = perturb_scene(scene, rng, kind)
+        assert len(other.objects) == len(scene.objects)
+        assert [o.position for o in other.objects] == sorted((o.position for o in other.objects), key=POSITIONS.index)
+        if kind == "background":
+            assert other.background != scene.background and other.objects == scene.objects
+            continue
+        assert other.background == scene.background
+        gone, new = set(scene.objects) - set(other.objects), set(other.objects) - set(scene.objects)
+        assert len(gone) == len(new) == 1
+        (a,), (b,) = gone, new
+        assert [f for f in ("shape", "color", "size", "position") if getattr(a, f) != getattr(b, f)] == [kind]
+
+
+def test_counterfactual_alt_texts_differ_from_the_truth_in_one_fact_only():
+    from collections import Counter
+
+    from shapes_world.pretrain.itm import counterfactual_texts
+
+    POSITION_WORDS = {w for syn in POSITION_SYNONYMS.values() for p in syn for w in p.split()}
+
+    scenes = [sample_scene(np.random.default_rng(i)).to_dict() for i in range(60)]
+    pos, neg = counterfactual_texts(scenes, 3, seed=0)
+    assert counterfactual_texts(scenes, 3, seed=0) == (pos, neg)  # reproducible from the seed
+    for d, ps, ns in zip(scenes, pos, neg):
+        assert len(ps) == len(ns) == 3
+        for p, n in zip(ps, ns):
+            # same phrasing: only the changed value's words differ ("red" -> "blue", "bottom left" -> "left"),
+            # and where a move reorders the objects, position synonyms ("lower left" / "bottom left")
+            missing, extra = Counter(words(p)) - Counter(words(n)), Counter(words(n)) - Counter(words(p))
+            assert missing + extra, (p, n)
+            assert sum(missing.values()) <= 2 and sum(extra.values()) <= 2 or set(missing) | set(extra) <= POSITION_WORDS, (p, n)
 
 
 def test_tokenizer_knows_every_word_of_the_world():

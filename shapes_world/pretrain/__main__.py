@@ -20,7 +20,9 @@ from shapes_world.pretrain.blip2_io import save_blip2
 from shapes_world.pretrain.common import load_split
 from shapes_world.tokenizer import build_tokenizer
 
-STEPS = {"reward_clip": 600, "eval_clip": 600, "vision": 500, "itm": 500, "lm": 300, "captioner": 800}
+STEPS = {"reward_clip": 600, "eval_clip": 600, "vision": 500, "itm": 1000, "lm": 300, "captioner": 800}
+# Counterfactual ITM negatives per training scene (shapes_world.pretrain.itm.counterfactual_texts).
+ITM_COUNTERFACTUALS = 4
 # "vision" is stage 0, the BLIP-2 vision tower; it is stored inside reward_itm and captioner.
 MODELS = ("reward_clip", "eval_clip", "vision", "reward_itm", "captioner")
 SEEDS = {"reward_clip": 11, "eval_clip": 22, "vision": 55, "itm": 33, "captioner": 44}
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if "reward_itm" in only:
         t0 = time.time()
-        itm = train_itm(train, tokenizer, vision, seed=SEEDS["itm"], steps=steps["itm"])
+        itm = train_itm(train, tokenizer, vision, seed=SEEDS["itm"], steps=steps["itm"], counterfactuals=ITM_COUNTERFACTUALS)
         save_blip2(itm, tokenizer, out / "reward_itm")
         metrics["reward_itm"] = itm_rank_accuracy(itm, tokenizer, test.images, [a[0] for a in test.alt_texts])
         timings["reward_itm"] = time.time() - t0

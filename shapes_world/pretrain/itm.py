@@ -4,12 +4,14 @@ batch by ITC similarity (BLIP-2's recipe). Its vision tower and Q-Former then in
 captioner, as BLIP-2's stage 2 starts from stage 1."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Blip2ForImageTextRetrieval, Blip2VisionModel, PreTrainedTokenizerBase
 
 from shapes_world.models import itm_config
 from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, seed_everything, vision_embeds
+from shapes_world.world import Scene, alt_text, perturb_scene
 
 ITC_TEMPERATURE = 0.07
 
@@ -32,8 +34,12 @@ def itc_image_feats(model, img_embeds: torch.Tensor) -> torch.Tensor:
     """[B, Q, D] normalised query features."""
     q = model.query_tokens.expand(img_embeds.shape[0], -1, -1)
     out = model.qformer(query_embeds=q, encoder_hidden_states=img_embeds,
-                        encoder_attention_mask=torch.ones(img_embeds.shape[:2], dtype=torch.long)).last_hidden_state
+                        encoder_attention_mask=_all_ones(img_embeds)).last_hidden_state
     return F.normalize(model.vision_projection(out), dim=-1)
+
+
+def _all_ones(img_embeds: torch.Tensor) -> torch.Tensor:
+    return torch.ones(img_embeds.shape[:2], dtype=torch.long, device=img_embeds.device)
 
 
 def itc_text_feats(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -46,21 +52,37 @@ def itm_logits(model, img_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.T
     """[B, 2] ITM logits for pairs (img_embeds[i], ids[i]); mirrors the HF forward."""
     q = model.query_tokens.expand(img_embeds.shape[0], -1, -1)
     emb = model.embeddings(input_ids=ids, query_embeds=q)
-    att = torch.cat([torch.ones(q.shape[:2], dtype=mask.dtype), mask], dim=1)
+    att = torch.cat([torch.ones(q.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
     out = model.qformer(query_embeds=emb, query_length=q.shape[1], attention_mask=att, encoder_hidden_states=img_embeds,
-                        encoder_attention_mask=torch.ones(img_embeds.shape[:2], dtype=torch.long)).last_hidden_state
+                        encoder_attention_mask=_all_ones(img_embeds)).last_hidden_state
     return model.itm_head(out[:, : q.shape[1]]).mean(dim=1)
 
 
 def _sample_negatives(weights: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    weights = weights.clone()
+    weights = weights.cpu()  # the generator lives on the CPU
     weights.fill_diagonal_(0)
     return torch.multinomial(weights + 1e-8, 1, generator=gen).squeeze(1)
 
 
+def counterfactual_texts(scenes: list[dict], k: int, seed: int) -> tuple[list[list[str]], list[list[str]]]:
+    """For each scene, ``k`` pairs of alt-texts in the same phrasing: one true, one of the scene
+    with a single fact made false (``perturb_scene``). Both texts of a pair come from the same
+    random stream, so they share their phrasing and differ in that fact (where a moved object
+    changes the order of the objects, also in which position synonyms are drawn): the ITM head
+    cannot tell them apart by style."""
+    rng = np.random.default_rng(seed)
+    pos, neg = [], []
+    for d in scenes:
+        scene = Scene.from_dict(d)
+        seeds = rng.integers(2**32, size=k)
+        pos.append([alt_text(scene, np.random.default_rng(s)) for s in seeds])
+        neg.append([alt_text(perturb_scene(scene, rng), np.random.default_rng(s)) for s in seeds])
+    return pos, neg
+
+
 def train_itm(train: SplitTensors, tokenizer: PreTrainedTokenizerBase, vision: Blip2VisionModel, *, seed: int, steps: int,
               batch_size: int = 128, lr: float = 1e-3, warmup: int = 100,
-              phases: tuple[float, float] = (0.4, 0.15)) -> Blip2ForImageTextRetrieval:
+              phases: tuple[float, float] = (0.4, 0.15), counterfactuals: int = 0, device: str = "cpu") -> Blip2ForImageTextRetrieval:
     """``vision``: the stage-0 tower, copied in and frozen (so its outputs are computed once).
 
     BLIP-2 trains ITC and ITM jointly from the start. Our tiny Q-Former, trained that way, kept
@@ -68,15 +90,26 @@ def train_itm(train: SplitTensors, tokenizer: PreTrainedTokenizerBase, vision: B
     ITC-trained Q-Former; ITM alone learns (0.3 within 100 steps) but then ruins ITC, which the
     negatives and the retrieval shortlist need. So three phases, as fractions of ``steps``:
     ITC alone (``phases[0]``), ITM alone to start it (``phases[1]``), then both.
-    ITM negatives are always mined by ITC similarity."""
+    ITM negatives are mined by ITC similarity. ``counterfactuals`` > 0 adds to each ITM step, per
+    image, a true alt-text and the same text with one fact made false (from a pool of that many
+    pairs per scene, see ``counterfactual_texts``): mined negatives differ from the positive in
+    many facts at once, and the ITM head learned to check each fact only once it saw these
+    (ITM top-1 0.335 -> 0.698, BENCHMARKS.md). ``device``: where to train (the model comes back
+    on the CPU)."""
     gen = seed_everything(seed)
     model = Blip2ForImageTextRetrieval(itm_config(tokenizer, image_size=train.images.shape[-1]))
     init_query_tokens(model)
     model.vision_model.load_state_dict(vision.state_dict())
     model.vision_model.requires_grad_(False)
-    embeds = vision_embeds(model.vision_model, train.images)
-    ids_all, mask_all = tokenize_all(tokenizer, train.alt_texts)
-    n, k = ids_all.shape[:2]
+    embeds = vision_embeds(model.vision_model, train.images).to(device)
+    model.to(device)
+    k = len(train.alt_texts[0])
+    texts = train.alt_texts
+    if counterfactuals:
+        cf_pos, cf_neg = counterfactual_texts(train.scenes, counterfactuals, seed)
+        texts = [a + p + q for a, p, q in zip(texts, cf_pos, cf_neg)]
+    ids_all, mask_all = (t.to(device) for t in tokenize_all(tokenizer, texts))  # [N, k (+ 2 counterfactuals), L]
+    n = len(ids_all)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     progress = Progress("itm", steps)
@@ -85,19 +118,27 @@ def train_itm(train: SplitTensors, tokenizer: PreTrainedTokenizerBase, vision: B
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup)
         idx = torch.randint(0, n, (batch_size,), generator=gen)
-        alt = torch.randint(0, k, (batch_size,), generator=gen)
-        ids, mask = ids_all[idx, alt], mask_all[idx, alt]
-        keep = mask.sum(0) > 0
-        ids, mask = ids[:, keep], mask[:, keep]
+        cols = [torch.randint(0, k, (batch_size,), generator=gen)]
+        if counterfactuals:
+            j = torch.randint(0, counterfactuals, (batch_size,), generator=gen)
+            cols += [k + j, k + counterfactuals + j]
+        ids, mask = (torch.stack([t[idx, c] for c in cols]) for t in (ids_all, mask_all))  # [1 or 3, B, L]
+        keep = mask.sum((0, 1)) > 0
+        ids, mask = ids[..., keep], mask[..., keep]
         emb = embeds[idx]
         use_itc = not (phases[0] * steps <= step < (phases[0] + phases[1]) * steps)  # off in the ITM-alone phase
         use_itm = step >= phases[0] * steps
         with torch.set_grad_enabled(use_itc):
-            img_f, txt_f = itc_image_feats(model, emb), itc_text_feats(model, ids, mask)
+            img_f, txt_f = itc_image_feats(model, emb), itc_text_feats(model, ids[0], mask[0])
             sim = torch.einsum("iqd,td->itq", img_f, txt_f).max(-1).values / ITC_TEMPERATURE  # [B, B]
-            labels = torch.arange(batch_size)
+            labels = torch.arange(batch_size, device=device)
             loss_itc = (F.cross_entropy(sim, labels) + F.cross_entropy(sim.t(), labels)) / 2
-        loss_itm = _itm_loss(model, emb, ids, mask, sim, gen) if use_itm else torch.zeros(())
+        loss_itm = torch.zeros((), device=device)
+        if use_itm:
+            pairs = _mined_pairs(emb, ids[0], mask[0], sim, gen)
+            if counterfactuals:
+                pairs += [(emb, ids[2], mask[2], 0), (emb, ids[1], mask[1], 1)]  # counterfactual, then true
+            loss_itm = _itm_loss(model, pairs)
         loss = (loss_itc if use_itc else 0) + loss_itm
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -105,22 +146,23 @@ def train_itm(train: SplitTensors, tokenizer: PreTrainedTokenizerBase, vision: B
         opt.step()
         progress(step, itc=loss_itc.item(), itm=loss_itm.item())
     model.eval()
-    return model
+    return model.cpu()
 
 
-def _itm_loss(model, emb: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, sim: torch.Tensor,
-              gen: torch.Generator) -> torch.Tensor:
-    """ITM cross-entropy over each positive pair and two negatives drawn from softmax(``sim``)."""
-    batch_size = len(ids)
+def _mined_pairs(emb: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, sim: torch.Tensor, gen: torch.Generator) -> list:
+    """Each positive pair and two negatives drawn from softmax(``sim``): another text for the
+    image, another image for the text, as ``(image_embeds, ids, mask, label)``."""
     with torch.no_grad():
-        neg_txt = _sample_negatives(sim.softmax(1), gen)
-        neg_img = _sample_negatives(sim.t().softmax(1), gen)
-    pair_img = torch.cat([emb, emb, emb[neg_img]])
-    pair_ids = torch.cat([ids, ids[neg_txt], ids])
-    pair_mask = torch.cat([mask, mask[neg_txt], mask])
-    logits = itm_logits(model, pair_img, pair_ids, pair_mask)
-    itm_labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size)]).long()
-    return F.cross_entropy(logits, itm_labels)
+        neg_txt = _sample_negatives(sim.softmax(1), gen).to(ids.device)
+        neg_img = _sample_negatives(sim.t().softmax(1), gen).to(ids.device)
+    return [(emb, ids, mask, 1), (emb, ids[neg_txt], mask[neg_txt], 0), (emb[neg_img], ids, mask, 0)]
+
+
+def _itm_loss(model, pairs: list) -> torch.Tensor:
+    """ITM cross-entropy over ``(image_embeds, ids, mask, label)`` groups of pairs."""
+    logits = itm_logits(model, *(torch.cat([p[i] for p in pairs]) for i in range(3)))
+    labels = torch.cat([torch.full((len(p[1]),), p[3], dtype=torch.long, device=logits.device) for p in pairs])
+    return F.cross_entropy(logits, labels)
 
 
 @torch.no_grad()
