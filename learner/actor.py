@@ -78,7 +78,7 @@ class LearnerWorker:
     def __init__(self, cfg: RunConfig, run_dir: str | None = None, resume_checkpoint: str | None = None,
                  publish: bool = True, resources: Mapping[str, float] | None = None, rank: int = 0,
                  init_method: str | None = None):
-        from learner.update import A2CUpdater
+        from learner.update import A2CUpdater, frozen_reference
         from vlrm.data import ImageDataset, split_path
         from vlrm.policy import CaptionPolicy
 
@@ -91,8 +91,10 @@ class LearnerWorker:
         self.rank = int(rank)
         self._peers: list = []
         self.group = self._join_group(resume_checkpoint, resources, init_method)
+        reference = frozen_reference(cfg.policy, self.device) if cfg.reward.kl_coef > 0 else None
         self.updater = A2CUpdater(self.policy, cfg.learner, temperature=cfg.rollout.temperature,
-                                  min_new_tokens=cfg.rollout.min_new_tokens, group=self.group)
+                                  min_new_tokens=cfg.rollout.min_new_tokens, group=self.group,
+                                  reference=reference, kl_coef=cfg.reward.kl_coef)
         self.dataset = ImageDataset.open(split_path(cfg.data.root, cfg.data.train_split))
         self.step = 0
         self._resume_state: dict | None = None

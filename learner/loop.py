@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from learner.update import A2CUpdater
+from learner.update import A2CUpdater, frozen_reference
 from rewards.combine import build_reward
 from vlrm.config import DataConfig, RunConfig
 from vlrm.data import ImageDataset, split_path
@@ -116,7 +116,9 @@ def run_local(cfg: RunConfig, resume: str | Path | None = None) -> Path:
     policy = CaptionPolicy.from_config(cfg.policy, device=device)
     reward = build_reward(cfg.reward, cfg.policy.model_path, device=device)
     ro = cfg.rollout
-    updater = A2CUpdater(policy, cfg.learner, temperature=ro.temperature, min_new_tokens=ro.min_new_tokens)
+    reference = frozen_reference(cfg.policy, device) if cfg.reward.kl_coef > 0 else None
+    updater = A2CUpdater(policy, cfg.learner, temperature=ro.temperature, min_new_tokens=ro.min_new_tokens,
+                         reference=reference, kl_coef=cfg.reward.kl_coef)
     sampler = ImageSampler(len(train), ro.images_per_batch, seed=cfg.seed)
     evaluator = ClipEvaluator(cfg.eval.evaluator_path, device=device)
     ev = cfg.eval

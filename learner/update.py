@@ -32,6 +32,7 @@ from torch import Tensor
 from learner.algorithms import (
     a2c_losses,
     baseline_losses,
+    kl_penalty,
     lag_filter,
     masked_mean,
     masked_var,
@@ -42,10 +43,18 @@ from learner.algorithms import (
     vtrace_targets,
 )
 from vlrm.config import LearnerConfig
-from vlrm.policy import PolicyForward
+from vlrm.policy import CaptionPolicy, PolicyForward
 from vlrm.schema import RolloutTensors
 
-__all__ = ["A2CUpdater", "unique_rows", "select_rollouts", "group_loo_advantages"]
+__all__ = ["A2CUpdater", "frozen_reference", "unique_rows", "select_rollouts", "group_loo_advantages"]
+
+
+def frozen_reference(policy_cfg: Any, device: str = "cpu") -> Any:
+    """The initial policy, frozen: the reference of the KL penalty (``reward.kl_coef``). Built
+    from ``policy.model_path`` as the trained policy was, so it is the policy before any update."""
+    reference = CaptionPolicy.from_config(policy_cfg, device=device).eval()
+    reference.requires_grad_(False)
+    return reference
 
 
 def unique_rows(image_rows: Tensor | Sequence[int]) -> tuple[list[int], Tensor]:
@@ -122,13 +131,16 @@ class A2CUpdater:
     """
 
     def __init__(self, policy: Any, cfg: LearnerConfig, *, temperature: float = 1.0, min_new_tokens: int = 0,
-                 group: Any = None):
+                 group: Any = None, reference: Any = None, kl_coef: float = 0.0):
+        if kl_coef > 0 and reference is None:
+            raise ValueError("kl_coef > 0 needs a reference policy (frozen_reference)")
         if (cfg.micro_batch_size or group is not None) and cfg.normalize_advantages:
             raise ValueError("learner.normalize_advantages cannot be combined with learner.micro_batch_size or a "
                              "data-parallel learner (whitening needs the whole batch's advantages at once)")
         self.policy = policy
         self.cfg = cfg
         self.group = group  # learner.data_parallel.DataParallelGroup: this rank's share of every batch
+        self.reference, self.kl_coef = reference, float(kl_coef)  # KL-to-reference penalty (reward.kl_coef)
         self.temperature = float(temperature)
         self.min_new_tokens = int(min_new_tokens)
         value_ids = {id(p) for p in policy.value_head.parameters()}
@@ -180,7 +192,8 @@ class A2CUpdater:
         Stats: ``loss``, ``policy_loss``, ``value_loss``, ``entropy`` (0 unless computed),
         ``neg_logprob`` (an entropy estimate that is always available), ``grad_norm`` (before
         clipping), ``explained_variance``, ``advantage_mean/std``, ``value_mean``,
-        ``return_mean``, ``reward_mean``, ``is_ratio_mean`` (raw pi/mu), ``is_weight_mean``
+        ``return_mean``, ``reward_mean`` (after the KL penalty), ``kl_mean`` (the captions' summed
+        log-ratio to the reference; 0 without ``kl_coef``), ``is_ratio_mean`` (raw pi/mu), ``is_weight_mean``
         (the weights applied; 1 without correction), ``is_clipped_frac``, ``kept``, ``dropped``,
         ``policy_lag_mean/max`` (of kept rollouts), ``tokens``, ``skipped`` (1 if everything was
         dropped), ``version`` (after the update).
@@ -216,6 +229,13 @@ class A2CUpdater:
         blp = rt.behaviour_logprobs.to(dev, torch.float32)
         rewards = rt.rewards.to(dev, torch.float32)
         image_index = image_index.to(dev)
+        kl = None
+        if self.kl_coef > 0:  # the caption's reward minus beta * its log-ratio to the reference policy
+            with torch.no_grad():
+                ref = self.reference.forward_logprobs(pixels, tokens, mask, image_index, temperature=self.temperature,
+                                                      min_new_tokens=self.min_new_tokens).logprobs
+            kl = kl_penalty(blp, ref, mask)
+            rewards = rewards - self.kl_coef * kl
         # The k-sample baseline needs only the rewards: computed once, over the whole batch.
         rloo_adv = self._rloo(rewards, rt) if cfg.baseline == "rloo" else None
 
@@ -277,6 +297,7 @@ class A2CUpdater:
                 neg_logprob=float(-masked_mean(fwd.logprobs.detach(), mask)),
                 grad_norm=float(grad_norm),
                 reward_mean=float(rewards.mean()),
+                kl_mean=float(kl.mean()) if kl is not None else 0.0,
                 is_ratio_mean=float(masked_mean(terms.ratio, mask)),
                 is_weight_mean=float(masked_mean(terms.weights, mask)) if terms.weights is not None else 1.0,
                 is_clipped_frac=float(terms.clipped_frac),

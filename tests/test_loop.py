@@ -5,6 +5,7 @@ minute and a half on 2 cores.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -13,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from learner.loop import run_local
-from learner.update import A2CUpdater, group_loo_advantages, unique_rows
-from learner.algorithms import rloo_baseline
+from learner.algorithms import kl_penalty, rloo_baseline
+from learner.update import A2CUpdater, frozen_reference, group_loo_advantages, unique_rows
 from vlrm.config import LearnerConfig, PolicyConfig, from_dict, load_config
 from vlrm.policy import CaptionPolicy
 from vlrm.run import (
@@ -234,6 +235,47 @@ def test_updater_options_run_a_step(policy, baseline, off_policy):
     upd2 = A2CUpdater(policy, LearnerConfig(baseline=baseline))
     upd2.load_state_dict(sd)
     assert upd2.optimizer.state_dict()["state"].keys() == sd["optimizer"]["state"].keys()
+
+
+def test_kl_penalty_lowers_rewards_by_the_log_ratio_to_the_frozen_reference(tiny_captioner_dir):
+    """reward.kl_coef: an update equals one without it whose caption rewards were lowered by
+    beta * the captions' summed log-ratio (behaviour - reference); the reference is the initial
+    policy, so a policy that has not moved pays (almost) nothing."""
+    cfg = PolicyConfig(model_path=str(tiny_captioner_dir), value_head_hidden=16)
+    reference = frozen_reference(cfg)
+    assert not any(p.requires_grad for p in reference.parameters())
+
+    def moved_policy():
+        torch.manual_seed(0)
+        pol = CaptionPolicy.from_config(cfg)
+        with torch.no_grad():
+            for p in pol.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        return pol
+
+    with_kl, plain = moved_policy(), moved_policy()
+    pixels, rt = _rollouts(with_kl, [0, 0, 0, 0], k=2, n=2, seed=4)
+    _, image_index = torch.unique(rt.image_rows, return_inverse=True)
+    with torch.no_grad():
+        ref = reference.forward_logprobs(pixels, rt.tokens, rt.mask, image_index, min_new_tokens=1).logprobs
+    kl = kl_penalty(rt.behaviour_logprobs, ref, rt.mask)
+    assert kl.abs().min() > 1e-3
+    stats = A2CUpdater(with_kl, LearnerConfig(lr=1e-2), min_new_tokens=1, reference=reference, kl_coef=0.5).step(pixels, rt)
+    lowered = copy.copy(rt)
+    lowered.rewards = rt.rewards - 0.5 * kl
+    want = A2CUpdater(plain, LearnerConfig(lr=1e-2), min_new_tokens=1).step(pixels, lowered)
+    assert stats["kl_mean"] == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert stats["reward_mean"] == pytest.approx(want["reward_mean"], rel=1e-5)
+    for (name, p), q in zip(with_kl.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    # the unmoved policy against its own copy: the log-ratio of its samples is rounding only
+    same_pixels, same = _rollouts(reference, [0, 0, 0, 0], k=2, n=2, seed=5)
+    same_kl = kl_penalty(same.behaviour_logprobs, reference.forward_logprobs(
+        same_pixels, same.tokens, same.mask, torch.unique(same.image_rows, return_inverse=True)[1], min_new_tokens=1).logprobs, same.mask)
+    assert same_kl.abs().max() < 1e-3
+    with pytest.raises(ValueError, match="reference"):
+        A2CUpdater(plain, LearnerConfig(), kl_coef=0.1)
 
 
 @pytest.mark.parametrize("baseline,off_policy", [("value", "truncated_is"), ("value", "vtrace"), ("rloo", "truncated_is")])
