@@ -49,12 +49,21 @@ from vlrm.schema import RolloutTensors
 __all__ = ["A2CUpdater", "frozen_reference", "unique_rows", "select_rollouts", "group_loo_advantages"]
 
 
-def frozen_reference(policy_cfg: Any, device: str = "cpu") -> Any:
+def frozen_reference(policy_cfg: Any, device: str = "cpu") -> CaptionPolicy:
     """The initial policy, frozen: the reference of the KL penalty (``reward.kl_coef``). Built
     from ``policy.model_path`` as the trained policy was, so it is the policy before any update."""
     reference = CaptionPolicy.from_config(policy_cfg, device=device).eval()
     reference.requires_grad_(False)
     return reference
+
+
+def _images_of(pixels: Tensor, image_index: Tensor, rows: slice, whole: bool) -> tuple[Tensor, Tensor]:
+    """The images a micro-batch's ``rows`` use and their rollouts' index into them: only those
+    images go through the vision tower (all of them, as given, when ``whole``)."""
+    if whole:
+        return pixels, image_index
+    used, index = torch.unique(image_index[rows], return_inverse=True)
+    return pixels[used.to(pixels.device)], index
 
 
 def unique_rows(image_rows: Tensor | Sequence[int]) -> tuple[list[int], Tensor]:
@@ -229,29 +238,23 @@ class A2CUpdater:
         blp = rt.behaviour_logprobs.to(dev, torch.float32)
         rewards = rt.rewards.to(dev, torch.float32)
         image_index = image_index.to(dev)
+        b_kept = int(tokens.shape[0])
+        rows_here = self.group.shard(b_kept) if self.group is not None else slice(0, b_kept)
+        chunks = self.micro_batches(rows_here.stop, start=rows_here.start)
+        whole = len(chunks) == 1 and self.group is None  # one forward over every image
         kl = None
         if self.kl_coef > 0:  # the caption's reward minus beta * its log-ratio to the reference policy
-            with torch.no_grad():
-                ref = self.reference.forward_logprobs(pixels, tokens, mask, image_index, temperature=self.temperature,
-                                                      min_new_tokens=self.min_new_tokens).logprobs
-            kl = kl_penalty(blp, ref, mask)
+            kl = kl_penalty(blp, self._reference_logprobs(pixels, tokens, mask, image_index, chunks, whole), mask)
             rewards = rewards - self.kl_coef * kl
         # The k-sample baseline needs only the rewards: computed once, over the whole batch.
         rloo_adv = self._rloo(rewards, rt) if cfg.baseline == "rloo" else None
 
         policy.train()
         self.optimizer.zero_grad(set_to_none=True)
-        b_kept = int(tokens.shape[0])
-        rows_here = self.group.shard(b_kept) if self.group is not None else slice(0, b_kept)
-        chunks = self.micro_batches(rows_here.stop, start=rows_here.start)
         n_tokens = mask.sum().clamp(min=1)
         forwards = []
         for rows in chunks:
-            if len(chunks) == 1 and self.group is None:
-                chunk_pixels, chunk_index = pixels, image_index
-            else:  # only the images this micro-batch uses go through the vision tower
-                chunk_used, chunk_index = torch.unique(image_index[rows], return_inverse=True)
-                chunk_pixels = pixels[chunk_used.to(pixels.device)]
+            chunk_pixels, chunk_index = _images_of(pixels, image_index, rows, whole)
             fwd = policy.forward_logprobs(chunk_pixels, tokens[rows], mask[rows], chunk_index,
                                           temperature=self.temperature, min_new_tokens=self.min_new_tokens,
                                           compute_entropy=cfg.entropy_coef > 0)
@@ -310,6 +313,22 @@ class A2CUpdater:
                 version=float(policy.version),
             )
         return base | stats
+
+    def _reference_logprobs(self, pixels: Tensor, tokens: Tensor, mask: Tensor, image_index: Tensor,
+                            chunks: list[slice], whole: bool) -> Tensor:
+        """``[B, T]`` the reference policy's log-probs of the sampled tokens: in the update's
+        micro-batches of this rank's rows (so ``learner.micro_batch_size`` bounds its memory too),
+        then gathered from every rank."""
+        parts = []
+        with torch.no_grad():
+            for rows in chunks:
+                images, index = _images_of(pixels, image_index, rows, whole)
+                parts.append(self.reference.forward_logprobs(images, tokens[rows], mask[rows], index,
+                                                             temperature=self.temperature,
+                                                             min_new_tokens=self.min_new_tokens,
+                                                             compute_entropy=False).logprobs)
+        local = torch.cat(parts) if parts else tokens.new_zeros((0, tokens.shape[1]), dtype=torch.float32)
+        return self.group.gather_rows(local, int(tokens.shape[0])) if self.group is not None else local
 
     def micro_batches(self, stop: int, start: int = 0) -> list[slice]:
         """Row slices of rows ``start:stop``, ``learner.micro_batch_size`` captions each (one slice

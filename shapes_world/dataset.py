@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shapes_world.world import alt_text, full_description, human_caption, png_bytes, render, sample_scene, thorough_caption
+from shapes_world.world import alt_text, full_description, human_caption, png_bytes, render, sample_scene
 
 SCHEMA = pa.schema([
     ("id", pa.int64()),
@@ -28,7 +28,10 @@ SCHEMA = pa.schema([
 DEFAULT_SIZES = {"train": 20000, "val": 1000, "test": 1000}
 # Bumped whenever the generator's output changes, so that an older world on disk is regenerated.
 WORLD_FORMAT = "shapes-world/4"
-# Share of human captions written by the rare thorough annotator (``thorough_caption``).
+# Share of human captions written by a rare thorough annotator: the full description (every
+# object's size, colour, shape and position, and the background). As COCO has a few thorough
+# captions among many short ones, the captioner can sample this mode, but it is not its greedy
+# choice; RL has to find it and make it common.
 P_THOROUGH = 0.05
 
 
@@ -42,7 +45,7 @@ def generate_split(split: str, n: int, seed: int = 0, image_size: int = 64, n_ca
                    p_thorough: float = P_THOROUGH) -> pa.Table:
     """Generate ``n`` scenes. ``unique`` (default: for val/test) rejects repeated descriptions, and
     ``exclude`` rejects descriptions already used elsewhere (e.g. in train). ``p_thorough``: the
-    share of human captions replaced by a thorough one."""
+    share of human captions replaced by the full description."""
     rng = np.random.default_rng(split_seed(seed, split))
     # Thorough captions draw from their own stream: scenes, images and alt-texts do not depend on
     # p_thorough (the reward and evaluator models were trained before it existed).
@@ -62,8 +65,7 @@ def generate_split(split: str, n: int, seed: int = 0, image_size: int = 64, n_ca
         rows["scene"].append(json.dumps(scene.to_dict()))
         rows["description"].append(desc)
         captions = [human_caption(scene, rng) for _ in range(n_captions)]
-        rows["captions"].append([thorough_caption(scene) if thorough_rng.random() < p_thorough else c
-                                 for c in captions])
+        rows["captions"].append([desc if thorough_rng.random() < p_thorough else c for c in captions])
         rows["alt_texts"].append([alt_text(scene, rng) for _ in range(n_alt)])
     return pa.table(rows, schema=SCHEMA)
 

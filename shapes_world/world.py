@@ -219,14 +219,6 @@ def human_caption(scene: Scene, rng: np.random.Generator, p_color: float = 0.2,
     return _join([_counted(s, c) for s, c in counts.items()])
 
 
-def thorough_caption(scene: Scene) -> str:
-    """The rare careful annotator: every object's size, colour, shape and position, in grid order,
-    and the background. A few such captions among the human ones (as COCO has a few thorough
-    captions) are a mode the captioner can sample but, being rare, not its greedy choice; RL has
-    to find it and make it common."""
-    return full_description(scene)
-
-
 POSITION_SYNONYMS = {
     "top left": ["top left", "upper left"], "top": ["top", "top middle"],
     "top right": ["top right", "upper right"], "left": ["left", "middle left"],

@@ -269,6 +269,10 @@ def test_kl_penalty_lowers_rewards_by_the_log_ratio_to_the_frozen_reference(tiny
     assert stats["reward_mean"] == pytest.approx(want["reward_mean"], rel=1e-5)
     for (name, p), q in zip(with_kl.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p, q, msg=name)
+    # in micro-batches (which bound the reference's forward too) the penalty is the same
+    micro = A2CUpdater(moved_policy(), LearnerConfig(lr=1e-2, micro_batch_size=3), min_new_tokens=1,
+                       reference=reference, kl_coef=0.5).step(pixels, rt)
+    assert micro["micro_batches"] == 2 and micro["kl_mean"] == pytest.approx(float(kl.mean()), rel=1e-4)
     # the unmoved policy against its own copy: the log-ratio of its samples is rounding only
     same_pixels, same = _rollouts(reference, [0, 0, 0, 0], k=2, n=2, seed=5)
     same_kl = kl_penalty(same.behaviour_logprobs, reference.forward_logprobs(
