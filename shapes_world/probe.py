@@ -1,13 +1,20 @@
-"""What does a frozen vision tower encode? Linear probes per grid cell.
+"""What does a BLIP-2 model's image side encode? Linear probes per grid cell.
 
-    python -m shapes_world.probe --model models/shapes/reward_itm --data data/shapes
+    python -m shapes_world.probe --model models/shapes/captioner --features tokens,cls,mean,qformer
 
-The captioner (and the RL policy built on it) can only describe what its frozen vision tower
-encodes. This trains one linear classifier per attribute on the tower's output tokens (all
-tokens flattened, so the token index gives the position) to predict, for each of the 9 grid
-cells, the shape / colour / size of the object there or "empty", and prints test accuracy on
-the occupied cells and on telling empty from occupied. What the probe cannot read, a captioner on
-this tower cannot state reliably either; the converse does not hold (BENCHMARKS.md, issue 3).
+The captioner (and the RL policy built on it) can only describe what reaches its language model.
+This trains one linear classifier per attribute to predict, for each of the 9 grid cells, the
+shape / colour / size of the object there or "empty", and prints test accuracy on the occupied
+cells and on telling empty from occupied, for each kind of feature (``FEATURES``):
+
+- ``tokens``: the frozen vision tower's output tokens, all flattened (the token index gives
+  the position): what the tower knows;
+- ``cls`` / ``mean``: its [CLS] token / the mean of its tokens: what a pooled summary keeps;
+- ``qformer``: the Q-Former's query outputs, flattened: what the language model is given.
+
+What a probe cannot read, a captioner reading those features cannot state reliably either; the
+converse does not hold. On the committed models the tower's tokens carry each cell (colour 0.98)
+but the Q-Former's queries keep about what the [CLS] token does (BENCHMARKS.md, issue 3).
 """
 from __future__ import annotations
 
@@ -20,6 +27,30 @@ import torch.nn.functional as F
 from shapes_world.world import CELL_ATTRIBUTES, POSITIONS, cell_labels
 
 BLIP2_CLASSES = ("Blip2ForImageTextRetrieval", "Blip2ForConditionalGeneration")
+FEATURES = ("tokens", "cls", "mean", "qformer")
+
+
+@torch.no_grad()
+def image_features(model, images_u8: torch.Tensor, kind: str, batch: int = 500) -> torch.Tensor:
+    """``[N, D]`` features of a BLIP-2 model (either class) for uint8 images ``[N, 3, H, W]``."""
+    from shapes_world.pretrain.common import vision_embeds
+
+    if kind not in FEATURES:
+        raise ValueError(f"unknown feature kind {kind!r}; choose from {FEATURES}")
+    tokens = vision_embeds(model.vision_model, images_u8, batch=batch)  # [N, 1 + patches, D]
+    if kind == "tokens":
+        return tokens.flatten(1)
+    if kind == "cls":
+        return tokens[:, 0]
+    if kind == "mean":
+        return tokens.mean(1)
+    out = []
+    for i in range(0, len(tokens), batch):
+        t = tokens[i:i + batch]
+        q = model.query_tokens.expand(len(t), -1, -1)
+        out.append(model.qformer(query_embeds=q, encoder_hidden_states=t,
+                                 encoder_attention_mask=torch.ones(t.shape[:2], dtype=torch.long)).last_hidden_state.flatten(1))
+    return torch.cat(out)
 
 
 def probe_cells(train_x: torch.Tensor, train_scenes: list[dict], test_x: torch.Tensor, test_scenes: list[dict],
@@ -58,15 +89,19 @@ def probe_cells(train_x: torch.Tensor, train_scenes: list[dict], test_x: torch.T
 def main(argv: list[str] | None = None) -> None:
     import transformers
 
-    from shapes_world.pretrain.common import load_split, vision_embeds
+    from shapes_world.pretrain.common import load_split
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models/shapes/reward_itm", help="a saved BLIP-2 model (its vision tower is probed)")
+    p.add_argument("--model", default="models/shapes/reward_itm", help="a saved BLIP-2 model (either class)")
+    p.add_argument("--features", default="tokens", help=f"comma-separated, from {','.join(FEATURES)}")
     p.add_argument("--data", default="data/shapes")
     p.add_argument("--train-limit", type=int, default=10000)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
+    kinds = [k for k in a.features.split(",") if k]
+    if not kinds or set(kinds) - set(FEATURES):
+        p.error(f"--features {a.features!r}: choose from {','.join(FEATURES)}")
     torch.set_num_threads(a.threads)
     try:
         arch = (transformers.AutoConfig.from_pretrained(a.model).architectures or ["?"])[0]
@@ -74,16 +109,19 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--model {a.model}: not a saved transformers model ({e})")
     if arch not in BLIP2_CLASSES:
         p.error(f"--model {a.model}: a saved {' or '.join(BLIP2_CLASSES)} is needed, its config names {arch}")
-    tower = getattr(transformers, arch).from_pretrained(a.model).vision_model.eval()
+    model = getattr(transformers, arch).from_pretrained(a.model).eval()
     train = load_split(f"{a.data}/train.parquet", limit=a.train_limit)
     test = load_split(f"{a.data}/test.parquet")
-    tr, te = vision_embeds(tower, train.images), vision_embeds(tower, test.images)
-    result = probe_cells(tr.flatten(1), train.scenes, te.flatten(1), test.scenes, steps=a.steps)
-    print(f"linear probes of {a.model}'s vision tower tokens ({len(train.scenes)} train / {len(test.scenes)} test scenes)")
-    print(f"{'attribute':<9} {'occupied-cell acc':>17} {'chance':>7} {'empty-vs-object acc':>20}")
-    for attr, r in result.items():
-        print(f"{attr:<9} {r['occupied_acc']:>17.3f} {1 / len(CELL_ATTRIBUTES[attr]):>7.3f} {r['empty_acc']:>20.3f}")
-    print(json.dumps(result))
+    results = {}
+    print(f"linear probes per grid cell of {a.model} ({len(train.scenes)} train / {len(test.scenes)} test scenes)")
+    print(f"{'features':<8} {'attribute':<9} {'occupied-cell acc':>17} {'chance':>7} {'empty-vs-object acc':>20}")
+    for kind in kinds:
+        tr, te = image_features(model, train.images, kind), image_features(model, test.images, kind)
+        results[kind] = probe_cells(tr, train.scenes, te, test.scenes, steps=a.steps)
+        for attr, r in results[kind].items():
+            print(f"{kind:<8} {attr:<9} {r['occupied_acc']:>17.3f} {1 / len(CELL_ATTRIBUTES[attr]):>7.3f} {r['empty_acc']:>20.3f}",
+                  flush=True)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

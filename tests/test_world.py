@@ -250,3 +250,44 @@ def test_ceiling_probe_of_a_captioner(tiny_captioner_dir):
             ids = tok(text, add_special_tokens=False)["input_ids"]
             assert tok.unk_token_id not in ids and tok.bos_token_id not in ids
             assert tok.decode(ids).replace(" ,", ",") == text
+
+
+def test_probe_features_are_what_the_model_computes(tiny_captioner_dir, tiny_itm_dir):
+    import torch
+    import transformers
+
+    from shapes_world.probe import image_features
+    from shapes_world.world import sample_scene
+
+    rng = np.random.default_rng(1)
+    pil = [render(sample_scene(rng)) for _ in range(3)]
+    images = torch.from_numpy(np.stack([np.asarray(im) for im in pil])).permute(0, 3, 1, 2).contiguous()
+    for cls, path in (("Blip2ForConditionalGeneration", tiny_captioner_dir), ("Blip2ForImageTextRetrieval", tiny_itm_dir)):
+        model = getattr(transformers, cls).from_pretrained(str(path)).eval()
+        tokens, q = (image_features(model, images, k, batch=2) for k in ("tokens", "qformer"))
+        n_tok, width = 1 + (64 // model.config.vision_config.patch_size) ** 2, model.config.vision_config.hidden_size
+        assert tokens.shape == (3, n_tok * width) and q.shape == (3, model.config.num_query_tokens * 128)
+        assert torch.allclose(image_features(model, images, "cls"), tokens.view(3, n_tok, width)[:, 0])
+        assert torch.allclose(image_features(model, images, "mean"), tokens.view(3, n_tok, width).mean(1))
+    # the Q-Former features are the ones the captioner's own image path hands to its language model
+    captioner = transformers.Blip2ForConditionalGeneration.from_pretrained(str(tiny_captioner_dir)).eval()
+    pixels = transformers.Blip2Processor.from_pretrained(str(tiny_captioner_dir)).image_processor(pil, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        own = captioner.get_image_features(pixel_values=pixels).qformer_outputs.last_hidden_state
+    assert torch.allclose(image_features(captioner, images, "qformer"), own.flatten(1), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown feature kind"):
+        image_features(model, images, "pooled")
+
+
+def test_probe_cli_reports_each_feature_kind(tiny_captioner_dir, tiny_world, capsys):
+    import json
+
+    from shapes_world.probe import main
+
+    main(["--model", str(tiny_captioner_dir), "--data", str(tiny_world), "--features", "mean,qformer", "--steps", "3"])
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(results) == {"mean", "qformer"} and set(results["qformer"]) == {"shape", "color", "size"}
+    assert all(0 <= r["occupied_acc"] <= 1 for res in results.values() for r in res.values())
+    with pytest.raises(SystemExit):
+        main(["--model", str(tiny_captioner_dir), "--data", str(tiny_world), "--features", "tokens,qfromer"])
+    assert "choose from" in capsys.readouterr().err

@@ -92,14 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import Blip2ForImageTextRetrieval
 
     from shapes_world.pretrain.itm import itm_rank_accuracy, train_itm
-    from shapes_world.pretrain.vision import STAGE0_CLIP, build_stage0
+    from shapes_world.pretrain.vision import STAGE0_CLIP, build_stage0, position_loss
 
     # The saved ITM model holds the stage-0 tower and the stage-1 Q-Former: read once, if needed.
     saved_itm = (Blip2ForImageTextRetrieval.from_pretrained(str(out / "reward_itm"))
                  if only & {"reward_itm", "captioner"} and not only >= {"vision", "reward_itm"} else None)
     if "vision" in only:
         t0 = time.time()
-        stage0 = train_clip(train, STAGE0_CLIP, seed=SEEDS["vision"], steps=steps["vision"], name="vision", build=build_stage0)
+        stage0 = train_clip(train, STAGE0_CLIP, seed=SEEDS["vision"], steps=steps["vision"], name="vision", build=build_stage0,
+                            aux_loss=position_loss)
         vision = stage0.visual.model
         metrics["vision"] = clip_alt_text_metrics(stage0, test)
         timings["vision"] = time.time() - t0

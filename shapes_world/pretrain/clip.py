@@ -68,7 +68,10 @@ def encode_images(model, images_u8: torch.Tensor, batch: int = 500) -> torch.Ten
 
 
 def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, batch_size: int = 256,
-               lr: float = 1e-3, warmup: int = 100, name: str = "clip", build=build_clip) -> open_clip.CLIP:
+               lr: float = 1e-3, warmup: int = 100, name: str = "clip", build=build_clip,
+               aux_loss=None) -> open_clip.CLIP:
+    """``aux_loss(model) -> scalar``, if given, is added to the contrastive loss after each
+    image forward (stage 0 uses it: ``vision.position_loss``)."""
     gen = seed_everything(seed)
     model = build(model_cfg)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_cfg["text_cfg"]["context_length"])
@@ -90,11 +93,15 @@ def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, b
         logits = model.logit_scale.exp() * img @ txt.t()
         labels = torch.arange(batch_size)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        extra = {}
+        if aux_loss is not None:
+            extra["aux"] = aux_loss(model)
+            loss = loss + extra["aux"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)  # ln(100), as in CLIP
-        progress(step, loss=loss.item(), scale=model.logit_scale.exp().item())
+        progress(step, loss=loss.item(), scale=model.logit_scale.exp().item(), **{k: v.item() for k, v in extra.items()})
     model.eval()
     return model
