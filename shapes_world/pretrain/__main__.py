@@ -2,7 +2,7 @@
 
     python -m shapes_world.pretrain --data data/shapes --out models/shapes
 
-Each model comes from a fixed seed; the run takes about 24 minutes on 2 CPU cores (with data
+Each model comes from a fixed seed; the run takes about 35 minutes on 2 CPU cores (with data
 generation) and writes ``<out>/metrics.json``, which the committed models' numbers in
 BENCHMARKS.md come from.
 """
