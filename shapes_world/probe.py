@@ -31,26 +31,20 @@ FEATURES = ("tokens", "cls", "mean", "qformer")
 
 
 @torch.no_grad()
-def image_features(model, images_u8: torch.Tensor, kind: str, batch: int = 500) -> torch.Tensor:
-    """``[N, D]`` features of a BLIP-2 model (either class) for uint8 images ``[N, 3, H, W]``."""
-    from shapes_world.pretrain.common import vision_embeds
+def image_features(model, tokens: torch.Tensor, kind: str, batch: int = 500) -> torch.Tensor:
+    """``[N, D]`` features of a BLIP-2 model (either class), given its vision tower's output
+    ``tokens`` ``[N, 1 + patches, D]`` (``pretrain.common.vision_embeds``, computed once per split)."""
+    from shapes_world.pretrain.common import query_outputs
 
     if kind not in FEATURES:
         raise ValueError(f"unknown feature kind {kind!r}; choose from {FEATURES}")
-    tokens = vision_embeds(model.vision_model, images_u8, batch=batch)  # [N, 1 + patches, D]
     if kind == "tokens":
         return tokens.flatten(1)
     if kind == "cls":
         return tokens[:, 0]
     if kind == "mean":
         return tokens.mean(1)
-    out = []
-    for i in range(0, len(tokens), batch):
-        t = tokens[i:i + batch]
-        q = model.query_tokens.expand(len(t), -1, -1)
-        out.append(model.qformer(query_embeds=q, encoder_hidden_states=t,
-                                 encoder_attention_mask=torch.ones(t.shape[:2], dtype=torch.long)).last_hidden_state.flatten(1))
-    return torch.cat(out)
+    return torch.cat([query_outputs(model, tokens[i:i + batch]).flatten(1) for i in range(0, len(tokens), batch)])
 
 
 def probe_cells(train_x: torch.Tensor, train_scenes: list[dict], test_x: torch.Tensor, test_scenes: list[dict],
@@ -89,7 +83,7 @@ def probe_cells(train_x: torch.Tensor, train_scenes: list[dict], test_x: torch.T
 def main(argv: list[str] | None = None) -> None:
     import transformers
 
-    from shapes_world.pretrain.common import load_split
+    from shapes_world.pretrain.common import load_split, vision_embeds
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/shapes/reward_itm", help="a saved BLIP-2 model (either class)")
@@ -115,8 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     print(f"linear probes per grid cell of {a.model} ({len(train.scenes)} train / {len(test.scenes)} test scenes)")
     print(f"{'features':<8} {'attribute':<9} {'occupied-cell acc':>17} {'chance':>7} {'empty-vs-object acc':>20}")
+    train_tokens, test_tokens = vision_embeds(model.vision_model, train.images), vision_embeds(model.vision_model, test.images)
     for kind in kinds:
-        tr, te = image_features(model, train.images, kind), image_features(model, test.images, kind)
+        tr, te = image_features(model, train_tokens, kind), image_features(model, test_tokens, kind)
         results[kind] = probe_cells(tr, train.scenes, te, test.scenes, steps=a.steps)
         for attr, r in results[kind].items():
             print(f"{kind:<8} {attr:<9} {r['occupied_acc']:>17.3f} {1 / len(CELL_ATTRIBUTES[attr]):>7.3f} {r['empty_acc']:>20.3f}",

@@ -256,6 +256,7 @@ def test_probe_features_are_what_the_model_computes(tiny_captioner_dir, tiny_itm
     import torch
     import transformers
 
+    from shapes_world.pretrain.common import vision_embeds
     from shapes_world.probe import image_features
     from shapes_world.world import sample_scene
 
@@ -264,19 +265,20 @@ def test_probe_features_are_what_the_model_computes(tiny_captioner_dir, tiny_itm
     images = torch.from_numpy(np.stack([np.asarray(im) for im in pil])).permute(0, 3, 1, 2).contiguous()
     for cls, path in (("Blip2ForConditionalGeneration", tiny_captioner_dir), ("Blip2ForImageTextRetrieval", tiny_itm_dir)):
         model = getattr(transformers, cls).from_pretrained(str(path)).eval()
-        tokens, q = (image_features(model, images, k, batch=2) for k in ("tokens", "qformer"))
+        embeds = vision_embeds(model.vision_model, images)
+        tokens, q = (image_features(model, embeds, k, batch=2) for k in ("tokens", "qformer"))
         n_tok, width = 1 + (64 // model.config.vision_config.patch_size) ** 2, model.config.vision_config.hidden_size
         assert tokens.shape == (3, n_tok * width) and q.shape == (3, model.config.num_query_tokens * 128)
-        assert torch.allclose(image_features(model, images, "cls"), tokens.view(3, n_tok, width)[:, 0])
-        assert torch.allclose(image_features(model, images, "mean"), tokens.view(3, n_tok, width).mean(1))
+        assert torch.allclose(image_features(model, embeds, "cls"), tokens.view(3, n_tok, width)[:, 0])
+        assert torch.allclose(image_features(model, embeds, "mean"), tokens.view(3, n_tok, width).mean(1))
     # the Q-Former features are the ones the captioner's own image path hands to its language model
     captioner = transformers.Blip2ForConditionalGeneration.from_pretrained(str(tiny_captioner_dir)).eval()
     pixels = transformers.Blip2Processor.from_pretrained(str(tiny_captioner_dir)).image_processor(pil, return_tensors="pt").pixel_values
     with torch.no_grad():
         own = captioner.get_image_features(pixel_values=pixels).qformer_outputs.last_hidden_state
-    assert torch.allclose(image_features(captioner, images, "qformer"), own.flatten(1), atol=1e-5)
+    assert torch.allclose(image_features(captioner, vision_embeds(captioner.vision_model, images), "qformer"), own.flatten(1), atol=1e-5)
     with pytest.raises(ValueError, match="unknown feature kind"):
-        image_features(model, images, "pooled")
+        image_features(model, embeds, "pooled")
 
 
 def test_probe_cli_reports_each_feature_kind(tiny_captioner_dir, tiny_world, capsys):

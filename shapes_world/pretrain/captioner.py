@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2VisionModel, OPTForCausalLM, PreTrainedTokenizerBase
 
 from shapes_world.models import captioner_config
-from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, seed_everything, vision_embeds
+from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, query_outputs, seed_everything, vision_embeds
 
 
 def caption_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,10 +61,7 @@ def pretrain_lm(texts: list[str], tokenizer, config, *, seed: int, steps: int, b
 def caption_loss(model: Blip2ForConditionalGeneration, img_embeds: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
                  pad_id: int) -> torch.Tensor:
     """MLE loss of captions given precomputed vision-tower outputs (the vision tower is frozen)."""
-    q = model.query_tokens.expand(img_embeds.shape[0], -1, -1)
-    query = model.qformer(query_embeds=q, encoder_hidden_states=img_embeds,
-                          encoder_attention_mask=torch.ones(img_embeds.shape[:2], dtype=torch.long)).last_hidden_state
-    prefix = model.language_projection(query)
+    prefix = model.language_projection(query_outputs(model, img_embeds))
     embeds = torch.cat([prefix, model.get_input_embeddings()(ids)], dim=1)
     mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), (ids != pad_id).long()], dim=1)
     logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, prefix.shape[1] - 1: -1]

@@ -80,3 +80,11 @@ def vision_embeds(vision_model, images_u8: torch.Tensor, batch: int = 500) -> to
     """Outputs of a frozen vision tower over a whole split, computed once."""
     return torch.cat([vision_model(pixel_values=normalize(images_u8[i:i + batch])).last_hidden_state
                       for i in range(0, len(images_u8), batch)])
+
+
+def query_outputs(model, img_embeds: torch.Tensor) -> torch.Tensor:
+    """``[B, Q, D]`` Q-Former query outputs (no text) of a BLIP-2 model of either class, from
+    vision-tower outputs ``[B, T, D_vision]``: what the captioner's language model is given."""
+    q = model.query_tokens.expand(img_embeds.shape[0], -1, -1)
+    mask = torch.ones(img_embeds.shape[:2], dtype=torch.long, device=img_embeds.device)
+    return model.qformer(query_embeds=q, encoder_hidden_states=img_embeds, encoder_attention_mask=mask).last_hidden_state

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import Blip2ForImageTextRetrieval, Blip2VisionModel, PreTrainedTokenizerBase
 
 from shapes_world.models import itm_config
-from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, seed_everything, vision_embeds
+from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, query_outputs, seed_everything, vision_embeds
 from shapes_world.world import Scene, alt_text, perturb_scene
 
 ITC_TEMPERATURE = 0.07
@@ -32,10 +32,7 @@ def tokenize_all(tokenizer: PreTrainedTokenizerBase, texts: list[list[str]]) -> 
 
 def itc_image_feats(model, img_embeds: torch.Tensor) -> torch.Tensor:
     """[B, Q, D] normalised query features."""
-    q = model.query_tokens.expand(img_embeds.shape[0], -1, -1)
-    out = model.qformer(query_embeds=q, encoder_hidden_states=img_embeds,
-                        encoder_attention_mask=_all_ones(img_embeds)).last_hidden_state
-    return F.normalize(model.vision_projection(out), dim=-1)
+    return F.normalize(model.vision_projection(query_outputs(model, img_embeds)), dim=-1)
 
 
 def _all_ones(img_embeds: torch.Tensor) -> torch.Tensor:
