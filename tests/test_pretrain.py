@@ -61,17 +61,20 @@ def test_trimmed_text_encoding_equals_open_clip_and_its_gradients():
                 "a square", "two shapes"])
     assert int((text != 0).sum(1).max()) < text.shape[1]  # there is padding to skip
     grads = []
-    for encode in (lambda m: m.encode_text(text, normalize=True), lambda m: encode_text(m, text)):
+    # open_clip's own; trimmed to the batch's longest; in two length groups (the long text alone)
+    for encode in (lambda m: m.encode_text(text, normalize=True), lambda m: encode_text(m, text),
+                   lambda m: encode_text(m, text, buckets=2)):
         torch.manual_seed(1)
         model = build_clip(cfg)
         out = encode(model)
         (out * torch.arange(out.shape[1])).sum().backward()
         grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (full, g_full), (trim, g_trim) = grads
-    assert torch.allclose(full, trim, atol=1e-5)
-    assert g_full.keys() == g_trim.keys()
-    for name, g in g_full.items():  # equal up to float rounding (sums taken in another order)
-        assert torch.allclose(g, g_trim[name], rtol=1e-4, atol=1e-6 * float(g.abs().max())), name
+    full, g_full = grads[0]
+    for trim, g_trim in grads[1:]:
+        assert torch.allclose(full, trim, atol=1e-5)
+        assert g_full.keys() == g_trim.keys()
+        for name, g in g_full.items():  # equal up to float rounding (sums taken in another order)
+            assert torch.allclose(g, g_trim[name], rtol=1e-4, atol=1e-6 * float(g.abs().max())), name
 
 
 def test_trimmed_text_encoding_falls_back_where_it_would_not_be_exact(monkeypatch):
@@ -108,3 +111,92 @@ def test_stage0_position_loss_trains_the_tower_to_keep_token_positions(tiny_worl
     with torch.no_grad():
         trained.encode_image(normalize(train.images[:32]))
         assert position_loss(trained).item() < 0.6 * loss.item()  # 100 steps: about 2.9 -> 1.5
+
+
+def test_itm_logits_in_length_groups_equal_one_padded_batch(tokenizer):
+    """ITM training runs its pairs in length groups, each cut to its own longest text: the logits
+    and gradients must be those of the whole padded batch, in the caller's order."""
+    from shapes_world.models import itm_config
+    from shapes_world.pretrain.itm import init_query_tokens, itm_logits
+
+    texts = ["a small red circle at the top left and a large blue cross on the right on a white background",
+             "a square", "two shapes on a black background", "a large green triangle", "a circle"]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    assert (enc.attention_mask.sum(1) < enc.input_ids.shape[1]).sum() >= 3  # most rows are padded
+    results = []
+    for buckets in (1, 3):
+        torch.manual_seed(0)
+        model = Blip2ForImageTextRetrieval(itm_config(tokenizer))
+        init_query_tokens(model)
+        img = torch.randn(len(texts), 17, 128, generator=torch.Generator().manual_seed(1))
+        logits = itm_logits(model, img, enc.input_ids, enc.attention_mask, buckets=buckets)
+        (logits * torch.tensor([1.0, -2.0])).sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (one, g_one), (grouped, g_grouped) = results
+    assert torch.allclose(one, grouped, atol=1e-5)
+    assert g_one.keys() == g_grouped.keys()
+    # atol from the largest gradient: attention key biases get a gradient that is zero in exact
+    # arithmetic (softmax ignores a shift), i.e. pure rounding noise
+    scale = max(float(g.abs().max()) for g in g_one.values())
+    for name, g in g_one.items():
+        assert torch.allclose(g, g_grouped[name], rtol=1e-4, atol=1e-6 * scale), name
+
+
+def test_clip_position_head_trains_and_leaves_a_plain_open_clip_model(tiny_world, tmp_path):
+    """The reward and evaluator CLIPs train with the position loss through a temporary head; the
+    saved model must be an ordinary open_clip CLIP."""
+    from shapes_world.pretrain.clip import build_clip_with_positions, position_loss, remove_position_head, train_clip
+    from shapes_world.pretrain.common import load_split, normalize
+
+    cfg = CLIP_CONFIGS["reward"]
+    torch.manual_seed(0)
+    model = build_clip_with_positions(cfg)
+    model.encode_image(torch.randn(4, 3, 64, 64))
+    assert model.visual.tokens.shape == (4, 17, cfg["vision_cfg"]["width"])  # [CLS] + 4 x 4 patches
+    untrained = position_loss(model).item()
+    train = load_split(tiny_world / "train.parquet")
+    trained = train_clip(train, cfg, seed=0, steps=60, batch_size=32, warmup=10, build=build_clip_with_positions,
+                         aux_loss=position_loss)
+    with torch.no_grad():
+        trained.encode_image(normalize(train.images[:32]))
+        assert position_loss(trained).item() < 0.6 * untrained
+    remove_position_head(trained)
+    assert not any("position_head" in k for k in trained.state_dict())
+    save_clip(trained, cfg, tmp_path / "clip")
+    loaded = open_clip.create_model("local-dir:" + str(tmp_path / "clip")).eval()  # strict load: no extra keys
+    img = normalize(train.images[:2])
+    with torch.no_grad():
+        assert torch.allclose(trained.encode_image(img), loaded.encode_image(img), atol=2e-2)
+
+
+def test_caption_and_lm_losses_in_length_groups_equal_one_padded_batch(tokenizer):
+    """The captioner and its LM train on length groups of captions: the loss (mean over caption
+    tokens) and its gradients must be those of the whole padded batch."""
+    from shapes_world.models import captioner_config
+    from shapes_world.pretrain.captioner import _batch, _grouped_mean, _lm_loss, caption_ids, caption_loss
+
+    texts = ["a square", "two shapes", "a small red circle at the top left and a large blue cross on the right",
+             "a circle and a square", "a triangle", "a large green triangle on a white background"]
+    ids, labels = caption_ids(tokenizer, texts)
+    rows = torch.tensor([5, 0, 2, 3, 1])  # a batch in any order, with the longest caption in it
+    img = torch.randn(len(texts), 17, 128, generator=torch.Generator().manual_seed(1))
+    pad = tokenizer.pad_token_id
+    losses = {
+        "caption": lambda m, r: caption_loss(m, img[r], *_batch(ids, labels, r), pad),
+        "lm": lambda m, r: _lm_loss(m.language_model, *_batch(ids, labels, r), pad),
+    }
+    for name, loss_of in losses.items():
+        results = []
+        for grouped in (False, True):
+            torch.manual_seed(0)
+            model = Blip2ForConditionalGeneration(captioner_config(tokenizer))
+            loss = (_grouped_mean(lambda r: loss_of(model, r), labels, rows, buckets=3) if grouped
+                    else loss_of(model, rows))
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        (one, g_one), (grouped, g_grouped) = results
+        assert torch.allclose(one, grouped, atol=1e-6), name
+        assert g_one.keys() == g_grouped.keys()
+        scale = max(float(g.abs().max()) for g in g_one.values())  # as above: some are rounding noise only
+        for key, g in g_one.items():
+            assert torch.allclose(g, g_grouped[key], rtol=1e-4, atol=1e-6 * scale), (name, key)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
+from vlrm.length_groups import in_length_groups
+
 
 def can_trim(model) -> bool:
     """Whether :func:`encode_text` may skip the padding of ``model``'s text context."""
@@ -23,12 +25,20 @@ def can_trim(model) -> bool:
             and getattr(model, "text_pool_type", None) in ("argmax", "eos"))
 
 
-def encode_text(model, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def encode_text(model, text: torch.Tensor, normalize: bool = True, buckets: int = 1) -> torch.Tensor:
     """``model.encode_text(text, normalize)``, run over the first L positions only where that is
     exact (:func:`can_trim`), L = 1 + the last non-padding position in the batch (open_clip's
-    tokenizer pads with 0). ``text``: ``LongTensor[B, context_length]``; returns ``[B, D]``."""
+    tokenizer pads with 0). ``buckets`` > 1 sorts the texts by length and encodes that many
+    groups, each up to its own longest text (for batches of mixed lengths: less padding run).
+    ``text``: ``LongTensor[B, context_length]``; returns ``[B, D]``."""
     if not can_trim(model):
         return model.encode_text(text, normalize=normalize)
+    if buckets > 1 and len(text) > 1:
+        return in_length_groups((text != 0).sum(1), buckets, lambda rows: _encode_trimmed(model, text[rows], normalize))
+    return _encode_trimmed(model, text, normalize)
+
+
+def _encode_trimmed(model, text: torch.Tensor, normalize: bool) -> torch.Tensor:
     used = (text != 0).any(0).nonzero()
     length = int(used.max()) + 1 if len(used) else 1
     text = text[:, :length]

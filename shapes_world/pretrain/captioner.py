@@ -38,6 +38,25 @@ def _batch(ids: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor):
     return ids[:, :last], labels[:, :last]
 
 
+# Length groups per training batch: human captions run from 2 to about 35 tokens (a thorough one
+# is in almost every batch of 128), so padding every caption to the longest ran mostly padding.
+LENGTH_BUCKETS = 4
+
+
+def _grouped_mean(token_mean_loss, labels: torch.Tensor, rows: torch.Tensor, buckets: int = LENGTH_BUCKETS) -> torch.Tensor:
+    """The mean token loss over ``rows`` (as one padded batch would give it), computed in
+    ``buckets`` groups of similar length: ``token_mean_loss(group_rows)`` is each group's mean
+    over its own tokens, weighted here by its share of the tokens."""
+    counts = (labels[rows] != -100).sum(1)
+    order = counts.argsort()
+    total = counts.sum()
+    return sum(token_mean_loss(rows[g]) * counts[g].sum() / total for g in order.chunk(buckets))
+
+
+def _lm_loss(lm: OPTForCausalLM, ids: torch.Tensor, labels: torch.Tensor, pad_id: int) -> torch.Tensor:
+    return lm(input_ids=ids, attention_mask=(ids != pad_id).long(), labels=labels).loss
+
+
 def pretrain_lm(texts: list[str], tokenizer, config, *, seed: int, steps: int, batch_size: int = 256, lr: float = 2e-3) -> OPTForCausalLM:
     gen = seed_everything(seed)
     lm = OPTForCausalLM(config.text_config)
@@ -48,8 +67,8 @@ def pretrain_lm(texts: list[str], tokenizer, config, *, seed: int, steps: int, b
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, 50)
-        ids, labels = _batch(ids_all, labels_all, torch.randint(0, len(texts), (batch_size,), generator=gen))
-        loss = lm(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
+        rows = torch.randint(0, len(texts), (batch_size,), generator=gen)
+        loss = _grouped_mean(lambda r: _lm_loss(lm, *_batch(ids_all, labels_all, r), tokenizer.pad_token_id), labels_all, rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -95,8 +114,9 @@ def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, it
             g["lr"] = cosine_lr(step, steps, lr, 50)
         rows = torch.randint(0, n, (batch_size,), generator=gen)
         which = torch.randint(0, k, (batch_size,), generator=gen)
-        ids, labels = _batch(ids_all[rows, which], labels_all[rows, which], torch.arange(batch_size))
-        loss = caption_loss(model, embeds[rows], ids, labels, tokenizer.pad_token_id)
+        ids, labels = ids_all[rows, which], labels_all[rows, which]
+        loss = _grouped_mean(lambda r: caption_loss(model, embeds[rows[r]], *_batch(ids, labels, r), tokenizer.pad_token_id),
+                             labels, torch.arange(batch_size))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -15,9 +15,12 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 
 from shapes_world.pretrain.common import IMAGE_MEAN, IMAGE_STD, Progress, SplitTensors, cosine_lr, normalize, seed_everything
 from vlrm.clip_text import encode_text
+
+TEXT_BUCKETS = 4  # length groups per training batch of alt-texts (13-41 tokens)
 
 # Two configs: the reward CLIP and a differently shaped evaluator, so that evaluation is not
 # done by the model the policy was optimised against.
@@ -39,6 +42,12 @@ def build_clip(model_cfg: dict) -> open_clip.CLIP:
     return open_clip.CLIP(**model_cfg)
 
 
+def build_clip_with_positions(model_cfg: dict) -> open_clip.CLIP:
+    """A CLIP that also trains :func:`position_loss` (with ``aux_loss=position_loss``); call
+    :func:`remove_position_head` before saving it."""
+    return add_position_head(build_clip(model_cfg))
+
+
 def save_clip(model: open_clip.CLIP, model_cfg: dict, out: str | Path, extra: dict | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,6 +64,40 @@ def save_clip(model: open_clip.CLIP, model_cfg: dict, out: str | Path, extra: di
     return out
 
 
+def position_loss(model) -> torch.Tensor:
+    """Cross-entropy of each output token's index, read back by ``model.visual.position_head``
+    from the tokens of the last ``encode_image`` (all of them, [CLS] included). Works for the
+    stage-0 tower (``vision.Blip2VisionTower``) and for an open_clip ViT given a head by
+    :func:`add_position_head`."""
+    tower = model.visual
+    logits = tower.position_head(tower.tokens)  # [B, T, T]
+    target = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def add_position_head(model):
+    """Give an open_clip ViT image tower a ``position_head`` and keep its transformer's output
+    tokens (``visual.tokens``, [B, T, width]) for :func:`position_loss`; undone by
+    :func:`remove_position_head`, so the saved model is a plain open_clip CLIP."""
+    visual = model.visual
+    num_tokens, width = visual.positional_embedding.shape
+    visual.position_head = nn.Linear(width, num_tokens)
+
+    def keep_tokens(_module, _inputs, output):
+        visual.tokens = output
+
+    visual._position_hook = visual.transformer.register_forward_hook(keep_tokens)
+    return model
+
+
+def remove_position_head(model):
+    visual = model.visual
+    visual._position_hook.remove()
+    del visual.position_head, visual._position_hook
+    visual.tokens = None
+    return model
+
+
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts: list[str], batch: int = 500) -> torch.Tensor:
     feats = [model.encode_text(tokenizer(texts[i:i + batch]), normalize=True) for i in range(0, len(texts), batch)]
@@ -69,11 +112,12 @@ def encode_images(model, images_u8: torch.Tensor, batch: int = 500) -> torch.Ten
 
 def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, batch_size: int = 256,
                lr: float = 1e-3, warmup: int = 100, name: str = "clip", build=build_clip,
-               aux_loss=None) -> open_clip.CLIP:
+               aux_loss=None, device: str = "cpu") -> open_clip.CLIP:
     """``aux_loss(model) -> scalar``, if given, is added to the contrastive loss after each
-    image forward (stage 0 uses it: ``vision.position_loss``)."""
+    image forward (``vision.position_loss``). ``device``: where to train (the model comes back
+    on the CPU)."""
     gen = seed_everything(seed)
-    model = build(model_cfg)
+    model = build(model_cfg).to(device)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_cfg["text_cfg"]["context_length"])
     # Tokenise every alt-text once; a step then just indexes.
     n, k = len(train.alt_texts), len(train.alt_texts[0])
@@ -88,10 +132,11 @@ def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, b
             g["lr"] = cosine_lr(step, steps, lr, warmup)
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         alt = torch.randint(0, k, (batch_size,), generator=gen)
-        img = model.encode_image(normalize(train.images[idx]), normalize=True)
-        txt = encode_text(model, tokens[idx, alt])  # only up to the longest alt-text: up to half the work
+        img = model.encode_image(normalize(train.images[idx]).to(device), normalize=True)
+        # only up to the longest alt-text of each length group: about half the work
+        txt = encode_text(model, tokens[idx, alt].to(device), buckets=TEXT_BUCKETS)
         logits = model.logit_scale.exp() * img @ txt.t()
-        labels = torch.arange(batch_size)
+        labels = torch.arange(batch_size, device=device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
         extra = {}
         if aux_loss is not None:
@@ -104,4 +149,4 @@ def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, b
             model.logit_scale.clamp_(0, 4.6052)  # ln(100), as in CLIP
         progress(step, loss=loss.item(), scale=model.logit_scale.exp().item(), **{k: v.item() for k, v in extra.items()})
     model.eval()
-    return model
+    return model.cpu()

@@ -12,8 +12,12 @@ from transformers import Blip2ForImageTextRetrieval, Blip2VisionModel, PreTraine
 from shapes_world.models import itm_config
 from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, query_outputs, seed_everything, vision_embeds
 from shapes_world.world import Scene, alt_text, perturb_scene
+from vlrm.length_groups import in_length_groups
 
 ITC_TEMPERATURE = 0.07
+# Length groups per ITM training forward: alt-texts run 13-41 tokens, and padding every pair of a
+# step to the longest cost about a third of the ITM phase's time.
+ITM_BUCKETS = 4
 
 
 def init_query_tokens(model) -> None:
@@ -45,8 +49,16 @@ def itc_text_feats(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return F.normalize(model.text_projection(out[:, 0]), dim=-1)
 
 
-def itm_logits(model, img_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, 2] ITM logits for pairs (img_embeds[i], ids[i]); mirrors the HF forward."""
+def itm_logits(model, img_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, buckets: int = 1) -> torch.Tensor:
+    """[B, 2] ITM logits for pairs (img_embeds[i], ids[i]); mirrors the HF forward. ``buckets`` > 1
+    sorts the pairs by text length and runs that many groups, each cut to its own longest text
+    (right padding): the same logits up to float rounding, with less padding run."""
+    if buckets > 1 and len(ids) > 1:
+        def run(rows: torch.Tensor) -> torch.Tensor:
+            length = int(mask[rows].sum(1).max())
+            return itm_logits(model, img_embeds[rows], ids[rows, :length], mask[rows, :length])
+
+        return in_length_groups(mask.sum(1), buckets, run)
     q = model.query_tokens.expand(img_embeds.shape[0], -1, -1)
     emb = model.embeddings(input_ids=ids, query_embeds=q)
     att = torch.cat([torch.ones(q.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
@@ -157,7 +169,7 @@ def _mined_pairs(emb: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, sim: 
 
 def _itm_loss(model, pairs: list) -> torch.Tensor:
     """ITM cross-entropy over ``(image_embeds, ids, mask, label)`` groups of pairs."""
-    logits = itm_logits(model, *(torch.cat([p[i] for p in pairs]) for i in range(3)))
+    logits = itm_logits(model, *(torch.cat([p[i] for p in pairs]) for i in range(3)), buckets=ITM_BUCKETS)
     labels = torch.cat([torch.full((len(p[1]),), p[3], dtype=torch.long, device=logits.device) for p in pairs])
     return F.cross_entropy(logits, labels)
 

@@ -6,7 +6,7 @@ captioner's own class (``Blip2VisionModel``, pooled output + a linear projection
 open_clip ``CLIP`` whose text tower and training loop are the reward CLIP's. The ITM model and the
 captioner then start from this tower and keep it frozen, as BLIP-2 does.
 
-One addition to CLIP's loss, :func:`position_loss`: every output token must tell its own index.
+One addition to CLIP's loss, ``clip.position_loss``: every output token must tell its own index.
 A real ViT's patch tokens keep their place; ours, trained on the [CLS] token alone, blurred it,
 and the Q-Former reading them then lost which cell holds what (a Q-Former trained on per-cell
 labels alone read colour right in 0.46 of occupied cells; on tokens with the loss, 0.93).
@@ -19,7 +19,7 @@ from torch import nn
 from transformers import Blip2VisionModel
 
 from shapes_world.models import vision_config
-from shapes_world.pretrain.clip import build_clip
+from shapes_world.pretrain.clip import build_clip, position_loss  # noqa: F401  (stage 0's aux loss)
 
 # Text tower and embedding size for stage 0 (the vision side is ``models.vision_config``).
 STAGE0_CLIP = {
@@ -32,7 +32,7 @@ STAGE0_CLIP = {
 class Blip2VisionTower(nn.Module):
     """``Blip2VisionModel`` as an open_clip image tower: pooled ([CLS]) output -> embedding.
 
-    ``position_head`` reads each output token's own index back (:func:`position_loss`). CLIP
+    ``position_head`` reads each output token's own index back (``clip.position_loss``). CLIP
     training alone needs only the [CLS] token, and left the other tokens' positions blurred
     (linearly decodable 0.84): the Q-Former, which reads the tokens by attention, then cannot tell
     which cell holds what (BENCHMARKS.md, issue 3). The head is used only in stage 0.
@@ -49,15 +49,6 @@ class Blip2VisionTower(nn.Module):
         out = self.model(pixel_values=pixel_values)
         self.tokens = out.last_hidden_state
         return self.proj(out.pooler_output)
-
-
-def position_loss(model) -> torch.Tensor:
-    """Cross-entropy of each output token's index, read back by the tower's ``position_head``
-    from the tokens of the last ``encode_image`` (all of them, [CLS] included)."""
-    tower = model.visual
-    logits = tower.position_head(tower.tokens)  # [B, T, T]
-    target = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
 def build_stage0(model_cfg: dict = STAGE0_CLIP):
