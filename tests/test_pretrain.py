@@ -93,9 +93,9 @@ def test_trimmed_text_encoding_falls_back_where_it_would_not_be_exact(monkeypatc
 
 
 def test_stage0_position_loss_trains_the_tower_to_keep_token_positions(tiny_world):
-    from shapes_world.pretrain.clip import train_clip
+    from shapes_world.pretrain.clip import position_loss, train_clip
     from shapes_world.pretrain.common import load_split, normalize
-    from shapes_world.pretrain.vision import STAGE0_CLIP, build_stage0, position_loss
+    from shapes_world.pretrain.vision import STAGE0_CLIP, build_stage0
 
     torch.manual_seed(0)
     model = build_stage0()

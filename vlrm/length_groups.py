@@ -7,9 +7,13 @@ from typing import Callable
 import torch
 
 
+def length_groups(lengths: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
+    """``groups`` sets of row indices of similar ``lengths`` ([B]), shortest first."""
+    return lengths.argsort().chunk(groups)
+
+
 def in_length_groups(lengths: torch.Tensor, groups: int, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``run(rows)`` on ``groups`` sets of row indices of similar ``lengths`` ([B]); their outputs,
-    concatenated along dim 0, come back in the rows' original order."""
-    order = lengths.argsort()
-    out = torch.cat([run(rows) for rows in order.chunk(groups)])
-    return out[order.argsort()]
+    """``run(rows)`` on each of :func:`length_groups`; their outputs, concatenated along dim 0,
+    come back in the rows' original order."""
+    parts = length_groups(lengths, groups)
+    return torch.cat([run(rows) for rows in parts])[torch.cat(parts).argsort()]

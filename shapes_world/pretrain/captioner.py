@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2VisionModel, OPTForCausalLM, PreTrainedTokenizerBase
 
 from shapes_world.models import captioner_config
-from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, query_outputs, seed_everything, vision_embeds
+from shapes_world.pretrain.common import LENGTH_GROUPS, Progress, SplitTensors, cosine_lr, query_outputs, seed_everything, vision_embeds
+from vlrm.length_groups import length_groups
 
 
 def caption_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,19 +39,13 @@ def _batch(ids: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor):
     return ids[:, :last], labels[:, :last]
 
 
-# Length groups per training batch: human captions run from 2 to about 35 tokens (a thorough one
-# is in almost every batch of 128), so padding every caption to the longest ran mostly padding.
-LENGTH_BUCKETS = 4
-
-
-def _grouped_mean(token_mean_loss, labels: torch.Tensor, rows: torch.Tensor, buckets: int = LENGTH_BUCKETS) -> torch.Tensor:
+def _grouped_mean(token_mean_loss, labels: torch.Tensor, rows: torch.Tensor, buckets: int = LENGTH_GROUPS) -> torch.Tensor:
     """The mean token loss over ``rows`` (as one padded batch would give it), computed in
     ``buckets`` groups of similar length: ``token_mean_loss(group_rows)`` is each group's mean
     over its own tokens, weighted here by its share of the tokens."""
     counts = (labels[rows] != -100).sum(1)
-    order = counts.argsort()
     total = counts.sum()
-    return sum(token_mean_loss(rows[g]) * counts[g].sum() / total for g in order.chunk(buckets))
+    return sum(token_mean_loss(rows[g]) * counts[g].sum() / total for g in length_groups(counts, buckets))
 
 
 def _lm_loss(lm: OPTForCausalLM, ids: torch.Tensor, labels: torch.Tensor, pad_id: int) -> torch.Tensor:

@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from shapes_world.pretrain.common import IMAGE_MEAN, IMAGE_STD, Progress, SplitTensors, cosine_lr, normalize, seed_everything
+from shapes_world.pretrain.common import (IMAGE_MEAN, IMAGE_STD, LENGTH_GROUPS, Progress, SplitTensors, cosine_lr, normalize,
+                                          seed_everything)
 from vlrm.clip_text import encode_text
-
-TEXT_BUCKETS = 4  # length groups per training batch of alt-texts (13-41 tokens)
 
 # Two configs: the reward CLIP and a differently shaped evaluator, so that evaluation is not
 # done by the model the policy was optimised against.
@@ -114,7 +113,7 @@ def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, b
                lr: float = 1e-3, warmup: int = 100, name: str = "clip", build=build_clip,
                aux_loss=None, device: str = "cpu") -> open_clip.CLIP:
     """``aux_loss(model) -> scalar``, if given, is added to the contrastive loss after each
-    image forward (``vision.position_loss``). ``device``: where to train (the model comes back
+    image forward (:func:`position_loss`). ``device``: where to train (the model comes back
     on the CPU)."""
     gen = seed_everything(seed)
     model = build(model_cfg).to(device)
@@ -134,7 +133,7 @@ def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, b
         alt = torch.randint(0, k, (batch_size,), generator=gen)
         img = model.encode_image(normalize(train.images[idx]).to(device), normalize=True)
         # only up to the longest alt-text of each length group: about half the work
-        txt = encode_text(model, tokens[idx, alt].to(device), buckets=TEXT_BUCKETS)
+        txt = encode_text(model, tokens[idx, alt].to(device), buckets=LENGTH_GROUPS)
         logits = model.logit_scale.exp() * img @ txt.t()
         labels = torch.arange(batch_size, device=device)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2

@@ -17,6 +17,10 @@ from PIL import Image
 # Images are fed as [0,1] RGB normalised with mean/std 0.5, for every shapes-world model.
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
+# Length groups per training forward over text (``vlrm.length_groups``): alt-texts and captions
+# run from 2 to 41 tokens, and padding every row of a batch to the longest ran a third to a half
+# padding.
+LENGTH_GROUPS = 4
 
 
 @dataclass

@@ -10,14 +10,12 @@ import torch.nn.functional as F
 from transformers import Blip2ForImageTextRetrieval, Blip2VisionModel, PreTrainedTokenizerBase
 
 from shapes_world.models import itm_config
-from shapes_world.pretrain.common import Progress, SplitTensors, cosine_lr, query_outputs, seed_everything, vision_embeds
+from shapes_world.pretrain.common import (LENGTH_GROUPS, Progress, SplitTensors, cosine_lr, query_outputs, seed_everything,
+                                          vision_embeds)
 from shapes_world.world import Scene, alt_text, perturb_scene
 from vlrm.length_groups import in_length_groups
 
 ITC_TEMPERATURE = 0.07
-# Length groups per ITM training forward: alt-texts run 13-41 tokens, and padding every pair of a
-# step to the longest cost about a third of the ITM phase's time.
-ITM_BUCKETS = 4
 
 
 def init_query_tokens(model) -> None:
@@ -169,7 +167,7 @@ def _mined_pairs(emb: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, sim: 
 
 def _itm_loss(model, pairs: list) -> torch.Tensor:
     """ITM cross-entropy over ``(image_embeds, ids, mask, label)`` groups of pairs."""
-    logits = itm_logits(model, *(torch.cat([p[i] for p in pairs]) for i in range(3)), buckets=ITM_BUCKETS)
+    logits = itm_logits(model, *(torch.cat([p[i] for p in pairs]) for i in range(3)), buckets=LENGTH_GROUPS)
     labels = torch.cat([torch.full((len(p[1]),), p[3], dtype=torch.long, device=logits.device) for p in pairs])
     return F.cross_entropy(logits, labels)
 

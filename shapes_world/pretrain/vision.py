@@ -14,12 +14,11 @@ labels alone read colour right in 0.46 of occupied cells; on tokens with the los
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Blip2VisionModel
 
 from shapes_world.models import vision_config
-from shapes_world.pretrain.clip import build_clip, position_loss  # noqa: F401  (stage 0's aux loss)
+from shapes_world.pretrain.clip import build_clip
 
 # Text tower and embedding size for stage 0 (the vision side is ``models.vision_config``).
 STAGE0_CLIP = {
