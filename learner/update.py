@@ -16,7 +16,8 @@ batch of scored rollouts (:class:`vlrm.schema.RolloutTensors`) into one optimize
    ``min(is_clip, pi/mu)`` on the policy gradient; ``"vtrace"``: V-trace value targets and
    advantages (with the RLOO baseline there is no value function to trace, so V-trace reduces to
    the truncated per-token weights on the policy gradient);
-6. **optimizer step** -- backward, global grad-norm clip (``grad_clip``; 0 disables), AdamW step
+6. **optimizer step** -- backward, grad-norm clip of the policy's and the value head's parameters
+   each on its own (``grad_clip``; 0 disables), AdamW step
    (the value head has its own learning rate, ``value_lr``), ``policy.version += 1``.
 
 No I/O happens here: the single-process loop and the Ray learner call the same ``step``.
@@ -199,8 +200,9 @@ class A2CUpdater:
                 ``rollout.image_rows`` in order of first appearance (:func:`unique_rows`).
 
         Stats: ``loss``, ``policy_loss``, ``value_loss``, ``entropy`` (0 unless computed),
-        ``neg_logprob`` (an entropy estimate that is always available), ``grad_norm`` (before
-        clipping), ``explained_variance``, ``advantage_mean/std``, ``value_mean``,
+        ``neg_logprob`` (an entropy estimate that is always available), ``grad_norm`` /
+        ``value_grad_norm`` (the policy's / the value head's, before clipping; each is clipped
+        alone), ``explained_variance``, ``advantage_mean/std``, ``value_mean``,
         ``return_mean``, ``reward_mean`` (after the KL penalty), ``kl_mean`` (the captions' summed
         log-ratio to the reference; 0 without ``kl_coef``), ``is_ratio_mean`` (raw pi/mu), ``is_weight_mean``
         (the weights applied; 1 without correction), ``is_clipped_frac``, ``kept``, ``dropped``,
@@ -278,7 +280,9 @@ class A2CUpdater:
         loss, out = terms.loss, terms.out
 
         max_norm = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # Each group (policy, value head) is clipped on its own: under one global norm the value
+        # head's large early MSE gradients scaled every policy step down (BENCHMARKS.md, issue 3).
+        grad_norms = {g["name"]: torch.nn.utils.clip_grad_norm_(g["params"], max_norm) for g in self.optimizer.param_groups}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         policy.version += 1
@@ -294,11 +298,13 @@ class A2CUpdater:
             stats.update(value_loss=float(value_loss.detach()), return_mean=float(masked_mean(vs, mask)),
                          value_mean=float(masked_mean(fwd.values.detach(), mask)),
                          explained_variance=float(ev) if float(var_t) > 0 else math.nan)
+        if "value" in grad_norms:
+            stats["value_grad_norm"] = float(grad_norms["value"])
         lags = (version - rt.policy_versions).float()
         with torch.no_grad():
             stats.update(
                 neg_logprob=float(-masked_mean(fwd.logprobs.detach(), mask)),
-                grad_norm=float(grad_norm),
+                grad_norm=float(grad_norms.get("policy", 0.0)),
                 reward_mean=float(rewards.mean()),
                 kl_mean=float(kl.mean()) if kl is not None else 0.0,
                 is_ratio_mean=float(masked_mean(terms.ratio, mask)),

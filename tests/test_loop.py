@@ -237,6 +237,30 @@ def test_updater_options_run_a_step(policy, baseline, off_policy):
     assert upd2.optimizer.state_dict()["state"].keys() == sd["optimizer"]["state"].keys()
 
 
+def test_value_head_gradients_do_not_shrink_the_policy_step(tiny_captioner_dir):
+    """The policy and the value head are clipped each on its own: with the value loss kept off the
+    shared features (``value_head_detach``), a value loss 1000x larger leaves the policy's update
+    exactly as it was, while the value head's own gradient grows with it."""
+    pixels = rt = None
+    updates, stats = [], []
+    for value_coef in (0.5, 500.0):
+        torch.manual_seed(0)
+        policy = CaptionPolicy.from_config(PolicyConfig(model_path=str(tiny_captioner_dir), value_head_hidden=16,
+                                                        value_head_detach=True))
+        if rt is None:
+            pixels, rt = _rollouts(policy, [0, 0, 0, 0], seed=3)
+        before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        upd = A2CUpdater(policy, LearnerConfig(value_coef=value_coef, grad_clip=1e-3, off_policy="none"))
+        stats.append(upd.step(pixels, rt, current_version=0))
+        updates.append({n: p.detach() - before[n] for n, p in policy.named_parameters() if p.requires_grad})
+    policy_names = [n for n in updates[0] if "value_head" not in n]
+    assert policy_names and any(updates[0][n].abs().sum() > 0 for n in policy_names)
+    for n in policy_names:
+        assert torch.allclose(updates[0][n], updates[1][n], atol=1e-8), n
+    assert stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-5)
+    assert stats[1]["value_grad_norm"] > 100 * stats[0]["value_grad_norm"]
+
+
 def test_kl_penalty_lowers_rewards_by_the_log_ratio_to_the_frozen_reference(tiny_captioner_dir):
     """reward.kl_coef: an update equals one without it whose caption rewards were lowered by
     beta * the captions' summed log-ratio (behaviour - reference); the reference is the initial

@@ -25,6 +25,11 @@ def test_pretrain_smoke_writes_all_models_and_metrics(tiny_world, tmp_path):
                 "attribute_precision", "attribute_recall", "evaluator", "gallery_size"):
         assert key in cap
     assert cap["gallery_size"] == 32
+    # teacher-forced grounding per kind of word (what RL can build on), a share of the 32 test images
+    grounding = metrics["captioner_grounding"]
+    assert set(grounding) == {"shape", "size", "colour", "position", "background"}
+    assert all(0 <= v["prefers_truth"] <= 1 and abs(v["prefers_truth"] * 32 - round(v["prefers_truth"] * 32)) < 1e-4
+               for v in grounding.values())
     captioner = Blip2ForConditionalGeneration.from_pretrained(str(out / "captioner"))
     itm = Blip2ForImageTextRetrieval.from_pretrained(str(out / "reward_itm"))
     # Both start from the stage-0 vision tower and keep it frozen, as BLIP-2 does.

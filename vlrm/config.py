@@ -99,7 +99,7 @@ class PolicyConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # LM module names that get LoRA adapters
     value_head_hidden: int = 128  # hidden width of the value-head MLP
     value_head_use_query: bool = False  # also feed the pooled query embeddings to the value head
-    value_head_detach: bool = False  # True: the value loss trains only the value head, not Q-Former/LoRA
+    value_head_detach: bool = True  # True: the value loss trains only the value head, not Q-Former/LoRA (False shares them; its large early value loss then slowed learning several-fold on the shapes world)
     disable_dropout: bool = True  # keep the BLIP-2 modules in eval mode so sampled and learner log-probs agree
 
 
@@ -152,7 +152,7 @@ class LearnerConfig:
     lr: float = 1e-4  # learning rate of the policy parameters
     value_lr: Optional[float] = None  # learning rate of the value head; null: same as lr
     weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    grad_clip: float = 1.0  # gradient-norm clip, of the policy's and of the value head's parameters each on its own; 0 disables
     gamma: float = 1.0  # discount of the per-token returns
     value_coef: float = 0.5  # weight of the value (MSE) loss
     entropy_coef: float = 0.0  # weight of the entropy bonus
