@@ -95,6 +95,17 @@ def prefers_truth(policy, pixel_values, scenes, rng: np.random.Generator) -> dic
     return out
 
 
+def captioner_grounding(captioner_dir, images, scenes, seed: int = 0) -> dict[str, dict[str, float]]:
+    """:func:`prefers_truth` of the saved BLIP-2 captioner at ``captioner_dir`` on PIL ``images``
+    and their ``scenes`` (the ceiling CLI's second table; ``captioner_grounding`` in the
+    pretraining's metrics.json)."""
+    from vlrm.config import PolicyConfig
+    from vlrm.policy import CaptionPolicy
+
+    policy = CaptionPolicy.from_config(PolicyConfig(model_path=str(captioner_dir)))
+    return prefers_truth(policy, policy.preprocess(images), scenes, np.random.default_rng(seed))
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -124,12 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         r = retrieval_recall(evaluator.similarity(images, captions), torch.arange(len(captions)), ks=(1, 5, 10))
         print(f"{name:75s} {r[1]:6.3f} {r[5]:6.3f} {r[10]:6.3f}")
     if a.captioner:
-        from vlrm.config import PolicyConfig
-        from vlrm.policy import CaptionPolicy
-
-        policy = CaptionPolicy.from_config(PolicyConfig(model_path=a.captioner))
         n = min(a.probe_images, len(scenes))
-        probe = prefers_truth(policy, policy.preprocess(images[:n]), scenes[:n], np.random.default_rng(a.seed))
+        probe = captioner_grounding(a.captioner, images[:n], scenes[:n], seed=a.seed)
         print(f"\n{a.captioner}, teacher-forced on {n} images: true description vs one kind of word made wrong")
         print(f"{'wrong words':12s} {'prefers truth':>14s} {'mean gap (nats)':>16s}")
         for kind, v in probe.items():

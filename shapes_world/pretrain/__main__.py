@@ -174,21 +174,16 @@ def evaluate_saved_captioner(captioner_dir: Path, evaluator_dir: Path, split: Pa
 
 
 def captioner_grounding(captioner_dir: Path, split: Path, images: int = 300) -> dict:
-    """Per kind of word, how often the captioner, teacher-forced, prefers the true full
-    description to the same one with that kind of word made wrong (``shapes_world.ceiling``;
-    0.5: it cannot tell), on the split's first ``images`` images."""
-    import numpy as np
-
-    from shapes_world.ceiling import prefers_truth
-    from vlrm.config import PolicyConfig
+    """``shapes_world.ceiling.captioner_grounding`` on the split's first ``images`` images: per kind
+    of word, how often the captioner, teacher-forced, prefers the true full description to the same
+    one with that kind of word made wrong (0.5: it cannot tell)."""
+    from shapes_world.ceiling import captioner_grounding as grounding
     from vlrm.data import ImageDataset
-    from vlrm.policy import CaptionPolicy
 
     ds = ImageDataset.open(split)
     n = min(images, len(ds))
     pil, _, _ = ds.images(list(range(n)))
-    policy = CaptionPolicy.from_config(PolicyConfig(model_path=str(captioner_dir)))
-    return prefers_truth(policy, policy.preprocess(pil), ds.scenes()[:n], np.random.default_rng(0))
+    return grounding(captioner_dir, pil, ds.scenes()[:n])
 
 
 if __name__ == "__main__":
