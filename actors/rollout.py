@@ -33,7 +33,7 @@ import torch
 
 from vlrm.config import RunConfig
 from vlrm.schema import make_rollout_batch
-from vlrm.raytools import node_id
+from vlrm.raytools import node_id, pin_to_cores
 
 __all__ = [
     "GenerationBackend",
@@ -192,6 +192,7 @@ class RolloutWorker:
                  fetch_weights: bool = True):
         from vlrm.data import ImageDataset, split_path
 
+        pin_to_cores(cfg.rollout.cpu_affinity, "rollout.cpu_affinity")
         torch.set_num_threads(max(1, int(cfg.rollout.num_cpus or 1)))
         if cfg.rollout.nice:
             os.nice(cfg.rollout.nice)  # on shared cores, generation yields to the learner (the slowest stage)
@@ -300,7 +301,7 @@ class RolloutWorker:
                 "incarnation": self.incarnation, "reconstructed": self.reconstructed,
                 "version": self.backend.version, "backend": self.backend.name, "device": self.device,
                 "generated_rows": self.generated_rows, "host": socket.gethostname(),
-                "nice": os.getpriority(os.PRIO_PROCESS, 0)}
+                "nice": os.getpriority(os.PRIO_PROCESS, 0), "cores": sorted(os.sched_getaffinity(0))}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights in use (tests compare them with the learner's)."""

@@ -57,7 +57,8 @@ from vlrm.config import RunConfig, load_config, resolve  # noqa: E402
 # --------------------------------------------------------------------------------------
 
 
-def make_config(a: argparse.Namespace, mode: str, rollout_actors: int, name: str, out: Path) -> RunConfig:
+def make_config(a: argparse.Namespace, mode: str, rollout_actors: int, name: str, out: Path,
+                extra: tuple[str, ...] = ()) -> RunConfig:
     """The shapes config with the benchmark's sizes; every role gets ``--threads-per-actor`` CPUs
     (= torch threads in the actor)."""
     t = a.threads_per_actor
@@ -72,7 +73,7 @@ def make_config(a: argparse.Namespace, mode: str, rollout_actors: int, name: str
         over.append(f"policy.model_path={a.model}")
     if a.run_budget_s:
         over.append(f"time_budget_s={a.run_budget_s}")
-    return load_config(a.config, over + list(a.set))
+    return load_config(a.config, over + list(a.set) + list(extra))
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -281,13 +282,20 @@ def bench_learner(st: Stages, scored: list, repeats: int, push_to: int) -> tuple
 # --------------------------------------------------------------------------------------
 
 
-def run_system(a: argparse.Namespace, mode: str, rollout_actors: int, out: Path) -> dict:
+def pinned_overrides() -> tuple[str, ...]:
+    """The learner on the last core of its own, every other role on the remaining cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    rest = ",".join(map(str, cores[:-1]))
+    return (f"learner.cpu_affinity=[{cores[-1]}]", f"rollout.cpu_affinity=[{rest}]", f"reward.cpu_affinity=[{rest}]")
+
+
+def run_system(a: argparse.Namespace, mode: str, rollout_actors: int, out: Path, extra: tuple[str, ...] = ()) -> dict:
     """One ``run_distributed`` run; its numbers from ``summary.json``, ``accounting.json`` and
-    ``metrics.jsonl``, plus each actor's peak RSS."""
+    ``metrics.jsonl``, plus each actor's peak RSS. ``extra``: config overrides of this run only."""
     from actors.system import run_distributed
 
-    name = f"bench-{mode}-{rollout_actors}r-{time.strftime('%H%M%S')}"
-    cfg = make_config(a, mode, rollout_actors, name, out)
+    name = f"bench-{mode}-{rollout_actors}r{'-pinned' if extra else ''}-{time.strftime('%H%M%S')}"
+    cfg = make_config(a, mode, rollout_actors, name, out, extra)
     probe = MemoryProbe()
     log = out / f"{name}.log"
     t0 = time.perf_counter()
@@ -310,7 +318,7 @@ def run_system(a: argparse.Namespace, mode: str, rollout_actors: int, out: Path)
          "identity": bool(acc["identity_holds"]), "push": acc.get("weight_push_latency_s"),
          "load": acc.get("weight_load_s"), "memory": probe.per_role(),
          "lag": float(np.mean(lags)) if lags else 0.0, "dir": run}
-    print(f"[bench] {mode:5s} {rollout_actors} rollout actor(s): {r['steps']} steps, {r['steady']:.2f} samples/s "
+    print(f"[bench] {mode:5s} {rollout_actors} rollout actor(s){' pinned' if extra else ''}: {r['steps']} steps, {r['steady']:.2f} samples/s "
           f"steady, {r['overall']:.2f} overall; {wall:.0f}s wall", file=sys.stderr, flush=True)
     time.sleep(1.0)  # let the killed actors' processes exit before the next run
     return r
@@ -352,6 +360,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run-budget-s", type=float, default=None,
                    help="time_budget_s cap of each system run (default: none with --steps, 2 x --run-seconds without)")
     p.add_argument("--num-cpus", type=int, default=None, help="Ray logical CPUs (default: max(cores, what actors ask))")
+    p.add_argument("--pin", action="store_true",
+                   help="also an async run with the learner pinned to a core of its own, the other roles to the rest")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     p.add_argument("--keep", action="store_true", help="keep the run folders (default: a temp dir, removed)")
     return p.parse_args(argv)
@@ -401,8 +411,9 @@ def main(argv=None) -> None:
             if n not in runs:
                 runs[n] = run_system(a, "async", n, out)
         asy = runs[a.rollout_actors]
+        pinned = run_system(a, "async", a.rollout_actors, out, pinned_overrides()) if a.pin else None
         report(a, command, num_cpus, gen, score, learn, push_idle, sync, asy, runs,
-               time.perf_counter() - t_start, auto)
+               time.perf_counter() - t_start, auto, pinned)
     finally:
         ray.shutdown()
         if not a.keep:
@@ -411,7 +422,8 @@ def main(argv=None) -> None:
             print(f"[bench] run folders kept in {out}", file=sys.stderr)
 
 
-def report(a, command, num_cpus, gen, score, learn, push_idle, sync, asy, runs, total_s, auto=False) -> None:
+def report(a, command, num_cpus, gen, score, learn, push_idle, sync, asy, runs, total_s, auto=False,
+           pinned: dict | None = None) -> None:
     import ray
 
     n, nr = a.rollout_actors, a.reward_actors
@@ -450,6 +462,12 @@ def report(a, command, num_cpus, gen, score, learn, push_idle, sync, asy, runs, 
     eff = asy["steady"] / stages[slowest]
     row("slowest stage alone", f"{stages[slowest]:.2f}", f"samples/s: {slowest} (each stage with all its actors)")
     row("pipeline efficiency = async / slowest", f"{eff:.2f}", f"goal >= 0.85 ({'met' if eff >= 0.85 else 'not met'})")
+    if pinned:
+        eff_p = pinned["steady"] / stages[slowest]
+        row("async, learner pinned to a core of its own", f"{pinned['steady']:.2f}",
+            f"samples/s ({' '.join(pinned_overrides())}); policy lag {pinned['lag']:.2f}; "
+            f"dropped for lag {pinned['dropped']}")
+        row("pipeline efficiency, pinned", f"{eff_p:.2f}", f"goal >= 0.85 ({'met' if eff_p >= 0.85 else 'not met'})")
     cpu_per_sample = gen[1]["cpu_s_per_sample"] + score["cpu_s_per_sample"] + learn["cpu_s_per_sample"]
     cores = os.cpu_count() or 1
     ceiling = cores / cpu_per_sample
@@ -478,7 +496,7 @@ def report(a, command, num_cpus, gen, score, learn, push_idle, sync, asy, runs, 
         "this process (ru_maxrss, whole benchmark)")
 
     section("accounting")
-    all_runs = [sync] + list(runs.values())
+    all_runs = [sync] + list(runs.values()) + ([pinned] if pinned else [])
     row("generated == scored == consumed + dropped + discarded",
         "holds" if all(r["identity"] for r in all_runs) else "BROKEN", f"in all {len(all_runs)} runs")
 

@@ -42,7 +42,7 @@ import pyarrow as pa
 import torch
 
 from vlrm.config import RunConfig
-from vlrm.raytools import node_id
+from vlrm.raytools import node_id, pin_to_cores
 
 __all__ = ["LearnerWorker", "LearnerActor", "learner_actor_options"]
 
@@ -82,6 +82,7 @@ class LearnerWorker:
         from vlrm.data import ImageDataset, split_path
         from vlrm.policy import CaptionPolicy
 
+        pin_to_cores(cfg.learner.cpu_affinity, "learner.cpu_affinity")
         torch.set_num_threads(max(1, int(cfg.learner.num_cpus or 1)))
         torch.manual_seed(int(cfg.seed))
         self.cfg = cfg
@@ -324,7 +325,7 @@ class LearnerWorker:
     def info(self) -> dict:
         """Where this rank runs and what it holds; rank 0 also lists the other ranks' ``info``."""
         out = {"role": "learner", "rank": self.rank, "pid": self.pid, "node_id": self.node_id,
-               "nice": os.getpriority(os.PRIO_PROCESS, 0),
+               "nice": os.getpriority(os.PRIO_PROCESS, 0), "cores": sorted(os.sched_getaffinity(0)),
                "host": socket.gethostname(), "step": self.step, "version": int(self.policy.version),
                "device": self.device, "totals": dict(self.totals),
                "trainable_parameters": self.policy.num_trainable_parameters()}

@@ -28,7 +28,7 @@ import torch
 from rewards.combine import RewardError, build_reward
 from vlrm.config import RunConfig
 from vlrm.schema import with_rewards
-from vlrm.raytools import node_id
+from vlrm.raytools import node_id, pin_to_cores
 
 __all__ = ["RewardWorker", "RewardActor", "RewardNaNError", "reward_actor_options", "score_batches"]
 
@@ -118,6 +118,7 @@ class RewardWorker:
     def __init__(self, cfg: RunConfig, actor_id: str, cache_size: int = 16):
         from vlrm.data import ImageDataset, split_path
 
+        pin_to_cores(cfg.reward.cpu_affinity, "reward.cpu_affinity")
         torch.set_num_threads(max(1, int(cfg.reward.num_cpus or 1)))
         self.cfg = cfg
         self.actor_id = actor_id
@@ -203,7 +204,8 @@ class RewardWorker:
         return {"actor_id": self.actor_id, "pid": self.pid, "node_id": self.node_id, "incarnation": self.incarnation,
                 "calls": self.calls, "merged_calls": self.merged_calls, "scored_rows": self.scored_rows,
                 "components": list(self.reward.active), "device": self.device, "host": socket.gethostname(),
-                "nice": self._pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result()}
+                "nice": self._pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(),
+                "cores": sorted(self._pool.submit(os.sched_getaffinity, 0).result())}
 
     def ping(self) -> str:
         return self.actor_id

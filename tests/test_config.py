@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,9 @@ def test_cross_field_validation():
         load_config(overrides=["reward.nice=20"])
     with pytest.raises(ConfigError, match=r"'learner.niceness'"):
         load_config(overrides=["learner.niceness=-5"])
+    with pytest.raises(ConfigError, match=r"'reward.cpu_affinity'.*core ids >= 0"):
+        load_config(overrides=["reward.cpu_affinity=[0,-1]"])
+    assert load_config(overrides=["learner.cpu_affinity=[1]"]).learner.cpu_affinity == [1]
     with pytest.raises(ConfigError, match=r"'learner.data_parallel_workers'.*mode async or sync"):
         load_config(overrides=["mode=local", "learner.data_parallel_workers=2"])
     with pytest.raises(ConfigError, match=r"'learner.micro_batch_size'.*normalize_advantages"):
@@ -318,3 +322,12 @@ def test_blip2_yaml_loads():
     assert c.reward.itm_path == "Salesforce/blip2-itm-vit-g" and "ViT-L-14" in c.reward.clip_path
     assert c.rollout.num_gpus == 1 and c.reward.num_gpus == 1 and c.learner.num_gpus == 1
     assert c.rollout.max_new_tokens == 60 and c.eval.max_new_tokens == 60
+
+
+def test_pinning_to_a_core_the_node_lacks_names_the_key():
+    from vlrm.raytools import pin_to_cores
+
+    missing = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(ValueError, match=rf"learner.cpu_affinity=\[{missing}\]: core\(s\) \[{missing}\] are not available"):
+        pin_to_cores([missing], "learner.cpu_affinity")
+    assert pin_to_cores([], "learner.cpu_affinity") == sorted(os.sched_getaffinity(0))  # empty: left as it is

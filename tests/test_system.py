@@ -92,12 +92,15 @@ def test_actors_generate_score_update_and_push(paths, tmp_path, ray_local):
     cfg = _cfg(paths, tmp_path, "actors", 1, rollout__nice=3, learner__niceness=4)
     cfg.reward.batch_wait_s = 0.5
     cfg.reward.nice = 2
+    core = max(os.sched_getaffinity(0))  # every role pinned to one core (the scoring thread included)
+    cfg.rollout.cpu_affinity = cfg.reward.cpu_affinity = cfg.learner.cpu_affinity = [core]
     learner = LearnerActor.options(**learner_actor_options(cfg)).remote(cfg, str(tmp_path / "actors"))
     roll = RolloutActor.options(**rollout_actor_options(cfg)).remote(cfg, "rollout-0", learner)
     rew = RewardActor.options(**reward_actor_options(cfg)).remote(cfg, "reward-0")
     assert ray.get(roll.info.remote())["nice"] >= os.getpriority(os.PRIO_PROCESS, 0) + 3  # yields to the learner
     assert ray.get(rew.info.remote())["nice"] >= os.getpriority(os.PRIO_PROCESS, 0) + 2
     assert ray.get(learner.info.remote())["nice"] == 4  # not the 15 Ray gives its worker processes
+    assert [ray.get(a.info.remote())["cores"] for a in (roll, rew, learner)] == [[core]] * 3
 
     b1, m1 = roll.generate.remote([0, 1], "t-1")
     b2, m2 = roll.generate.remote([2, 3], "t-2")

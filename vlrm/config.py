@@ -109,6 +109,7 @@ class RolloutConfig:
     num_cpus: float = 1.0  # CPUs reserved per rollout actor
     num_gpus: float = 0.0  # GPUs reserved per rollout actor (fractions share a GPU)
     nice: int = 0  # os.nice() increment of rollout actor processes (0-19): where roles share CPU cores, >0 lets the learner go first
+    cpu_affinity: list[int] = field(default_factory=list)  # CPU core ids each rollout actor is pinned to on its node; empty: no pinning
     backend: Literal["hf", "vllm"] = "hf"  # generation backend: transformers generate or vLLM
     images_per_batch: int = 16  # images per rollout batch
     samples_per_image: int = 4  # captions sampled per image (k); image features are computed once per image
@@ -145,6 +146,7 @@ class RewardConfig:
     resources: dict[str, float] = field(default_factory=dict)  # Ray custom resources per actor, e.g. {reward: 1}
     batch_wait_s: float = 0.05  # how long a reward actor waits to merge requests from several rollout actors
     nice: int = 0  # os.nice() increment of the reward actors' scoring thread (0-19): where roles share CPU cores, >0 lets the learner go first
+    cpu_affinity: list[int] = field(default_factory=list)  # CPU core ids each reward actor is pinned to on its node; empty: no pinning
 
 
 @dataclass
@@ -166,6 +168,7 @@ class LearnerConfig:
     niceness: Optional[int] = None  # niceness of the learner's process, 0-19; null: Ray's default for workers (15). Lower runs the learner first where roles share CPU cores
     num_gpus: float = 0.0  # GPUs reserved for the learner
     num_cpus: float = 1.0  # CPUs reserved for the learner
+    cpu_affinity: list[int] = field(default_factory=list)  # CPU core ids the learner is pinned to on its node (where roles share a node: a core of its own); empty: no pinning
     checkpoint_every: int = 50  # save a checkpoint every this many steps; 0 disables (a final one is still saved)
     log_every: int = 1  # print and log metrics every this many steps
     data_parallel_workers: int = 1  # learner ranks in data parallel: each updates on its share of every batch, gradients summed (torch.distributed)
@@ -635,6 +638,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(cfg.policy.lora_r >= 0, "policy.lora_r", f"must be >= 0 (0 disables LoRA), got {cfg.policy.lora_r}")
     need(0.0 <= cfg.policy.lora_dropout < 1.0, "policy.lora_dropout", f"must be in [0, 1), got {cfg.policy.lora_dropout}")
     need(cfg.policy.value_head_hidden > 0, "policy.value_head_hidden", f"must be > 0, got {cfg.policy.value_head_hidden}")
+    for sec, a in (("rollout", r), ("reward", w), ("learner", l)):
+        need(all(isinstance(i, int) and i >= 0 for i in a.cpu_affinity), f"{sec}.cpu_affinity",
+             f"must be a list of core ids >= 0 (empty: no pinning), got {a.cpu_affinity}")
     for sec, a in (("rollout", r), ("reward", w)):
         need(a.num_actors >= 1, f"{sec}.num_actors", f"must be >= 1, got {a.num_actors}")
         need(a.num_cpus >= 0, f"{sec}.num_cpus", f"must be >= 0, got {a.num_cpus}")
