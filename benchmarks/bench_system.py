@@ -317,7 +317,7 @@ def run_system(a: argparse.Namespace, mode: str, rollout_actors: int, out: Path,
          "dropped": acc["dropped_for_lag"], "discarded": acc["discarded_at_stop"],
          "identity": bool(acc["identity_holds"]), "push": acc.get("weight_push_latency_s"),
          "load": acc.get("weight_load_s"), "memory": probe.per_role(),
-         "lag": float(np.mean(lags)) if lags else 0.0, "dir": run}
+         "lag": float(np.mean(lags)) if lags else 0.0, "dir": run, "overrides": extra}
     print(f"[bench] {mode:5s} {rollout_actors} rollout actor(s){' pinned' if extra else ''}: {r['steps']} steps, {r['steady']:.2f} samples/s "
           f"steady, {r['overall']:.2f} overall; {wall:.0f}s wall", file=sys.stderr, flush=True)
     time.sleep(1.0)  # let the killed actors' processes exit before the next run
@@ -465,7 +465,7 @@ def report(a, command, num_cpus, gen, score, learn, push_idle, sync, asy, runs, 
     if pinned:
         eff_p = pinned["steady"] / stages[slowest]
         row("async, learner pinned to a core of its own", f"{pinned['steady']:.2f}",
-            f"samples/s ({' '.join(pinned_overrides())}); policy lag {pinned['lag']:.2f}; "
+            f"samples/s ({' '.join(pinned['overrides'])}); policy lag {pinned['lag']:.2f}; "
             f"dropped for lag {pinned['dropped']}")
         row("pipeline efficiency, pinned", f"{eff_p:.2f}", f"goal >= 0.85 ({'met' if eff_p >= 0.85 else 'not met'})")
     cpu_per_sample = gen[1]["cpu_s_per_sample"] + score["cpu_s_per_sample"] + learn["cpu_s_per_sample"]

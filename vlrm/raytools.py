@@ -1,6 +1,7 @@
 """Small helpers every Ray role uses."""
 from __future__ import annotations
 
+import os
 import socket
 
 
@@ -24,8 +25,6 @@ def pin_to_cores(cores: list[int], key: str) -> list[int]:
     start. Core ids are those of the node the actor runs on. ``key`` names the config entry in
     errors. Returns the cores the process now runs on (all of its allowed ones when ``cores`` is empty).
     """
-    import os
-
     allowed = sorted(os.sched_getaffinity(0))
     if not cores:
         return allowed
