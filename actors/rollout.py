@@ -6,7 +6,8 @@ captions per image with the behaviour log-probs, and returns one Arrow record ba
 (:func:`vlrm.schema.make_rollout_batch`) tagged with the policy version that sampled it.
 
 Weights arrive between batches through :meth:`RolloutWorker.set_weights`: the learner
-``ray.put``\\ s its trainable tensors once and every actor reads the same object.
+``ray.put``\\ s its trainable tensors once, packed into one buffer (:mod:`vlrm.wire`), and every
+actor reads the same object.
 
 Generation goes through a :class:`GenerationBackend`, so the transformers path used here
 (:class:`HFBackend`, wrapping :meth:`vlrm.policy.CaptionPolicy.sample`) and a vLLM path can be
@@ -27,13 +28,13 @@ import zlib
 from collections import OrderedDict
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
-import numpy as np
 import pyarrow as pa
 import torch
 
 from vlrm.config import RunConfig
 from vlrm.schema import make_rollout_batch
-from vlrm.raytools import node_id, pin_to_cores
+from vlrm.wire import weights_from_wire
+from vlrm.raytools import node_id, peak_memory_mb, pin_to_cores
 
 __all__ = [
     "GenerationBackend",
@@ -42,45 +43,8 @@ __all__ = [
     "RolloutWorker",
     "RolloutActor",
     "rollout_actor_options",
-    "weights_to_wire",
-    "weights_from_wire",
     "batch_seed",
 ]
-
-
-# --------------------------------------------------------------------------------------
-# Weights on the wire
-# --------------------------------------------------------------------------------------
-
-
-def weights_to_wire(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Trainable tensors as something Ray's object store can share without copies.
-
-    float32/float16 tensors become numpy arrays (Ray reads numpy zero-copy from shared memory,
-    so N actors reading the same ``ray.put`` object do not each deserialise a copy); bfloat16
-    (no numpy dtype) stays a CPU tensor.
-    """
-    out: dict[str, Any] = {}
-    for k, v in sd.items():
-        v = v.detach().cpu()
-        out[k] = v if v.dtype == torch.bfloat16 else v.contiguous().numpy()
-    return out
-
-
-def weights_from_wire(wire: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`weights_to_wire` (numpy arrays from the object store are read-only, so
-    they are wrapped without a copy and copied once into the parameters by the loader)."""
-    import warnings
-
-    out: dict[str, torch.Tensor] = {}
-    for k, v in wire.items():
-        if isinstance(v, np.ndarray):
-            with warnings.catch_warnings():  # read-only shared-memory arrays: only ever copied from
-                warnings.simplefilter("ignore", UserWarning)
-                out[k] = torch.from_numpy(v)
-        else:
-            out[k] = torch.as_tensor(v)
-    return out
 
 
 def batch_seed(seed: int, batch_id: str) -> int:
@@ -288,7 +252,9 @@ class RolloutWorker:
                 import ray
 
                 weights = ray.get(weights)
-            self.backend.load_weights(weights_from_wire(weights), version)
+            # on a GPU actor: one host-to-device copy of the packed buffer, then on-device copies
+            on = self.device if str(self.device).startswith("cuda") else None
+            self.backend.load_weights(weights_from_wire(weights, device=on), version)
             applied = True
         load_s = time.perf_counter() - t0
         latency = (time.time() - published_at) if published_at else None
@@ -301,7 +267,8 @@ class RolloutWorker:
                 "incarnation": self.incarnation, "reconstructed": self.reconstructed,
                 "version": self.backend.version, "backend": self.backend.name, "device": self.device,
                 "generated_rows": self.generated_rows, "host": socket.gethostname(),
-                "nice": os.getpriority(os.PRIO_PROCESS, 0), "cores": sorted(os.sched_getaffinity(0))}
+                "nice": os.getpriority(os.PRIO_PROCESS, 0), "cores": sorted(os.sched_getaffinity(0)),
+                "peak_memory_mb": peak_memory_mb(self.device)}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights in use (tests compare them with the learner's)."""

@@ -848,14 +848,18 @@ def run_distributed(cfg: RunConfig, resume: str | Path | None = None, *,
 
         after = ray.get(dist.learner.evaluate.remote(ev.split, ev.gallery_size))
         write_json({"before": before, "after": after}, ctx.eval_path)
-        for info in _infos(dist.rollouts + dist.rewards):
+        rollout_infos, reward_infos = _infos(dist.rollouts), _infos(dist.rewards)
+        for info in rollout_infos + reward_infos:
             dist._seen(info)
         dist.acc.actor_restarts = dist._restarts()
         learner_info = ray.get(dist.learner.info.remote())
+        learner_infos = [learner_info] + learner_info.get("peers", [])
         accounting = dist.acc.as_dict() | {
             "mode": cfg.mode, "steps": step - start_step, "final_step": step, "train_seconds": train_seconds,
             "learner_totals": learner_info["totals"], "nodes": dist.nodes,
             "weight_push_latency_s": summarize(dist.push_latencies), "weight_load_s": summarize(dist.weight_load_s),
+            "peak_memory_mb": {role: peak_memory(infos) for role, infos in
+                               (("rollout", rollout_infos), ("reward", reward_infos), ("learner", learner_infos))},
         }
         write_json(accounting, ctx.dir / ACCOUNTING_FILE)
         summary = {"steps": step, "train_seconds": train_seconds, "policy_version": learner_info["version"],
@@ -868,6 +872,9 @@ def run_distributed(cfg: RunConfig, resume: str | Path | None = None, *,
                             f"{cfg.rollout.num_actors} rollout / {cfg.reward.num_actors} reward actors)")
         ray.get(dist.learner.export_pretrained.remote(str((ctx.dir / "policy").resolve())))
         print(f"[vlrm] {dist.acc.line()}", flush=True)
+        print("[vlrm] peak memory per actor (MiB): " + "; ".join(
+            f"{role} RSS {m['rss']}" + (f", GPU {m['gpu']}" if m["gpu"] is not None else "")
+            for role, m in accounting["peak_memory_mb"].items()), flush=True)
         print(f"[vlrm] done: {step} steps in {train_seconds:.0f}s ({summary['samples_per_s']:.1f} samples/s); "
               f"{ev.split} R@1 {before['clip_recall@1']:.3f} -> {after['clip_recall@1']:.3f}, words "
               f"{before['mean_words']:.1f} -> {after['mean_words']:.1f}; {ctx.dir}", flush=True)
@@ -892,6 +899,18 @@ def _infos(actors: list) -> list[dict]:
         except Exception:
             continue
     return out
+
+
+def peak_memory(infos: list[dict]) -> dict:
+    """Peak memory of one role, in MiB: the largest ``rss`` and ``gpu`` high-water marks among its
+    actors' ``info()`` (each actor's own; None where no actor reports one) and how many reported."""
+    marks = [i["peak_memory_mb"] for i in infos if i.get("peak_memory_mb")]
+
+    def top(key: str) -> float | None:
+        vals = [m[key] for m in marks if m.get(key) is not None]
+        return round(max(vals), 1) if vals else None
+
+    return {"rss": top("rss"), "gpu": top("gpu"), "actors": len(marks)}
 
 
 def summarize(xs: list[float]) -> dict | None:

@@ -13,7 +13,8 @@
 - samples/s vs the number of rollout actors (1 .. ``--max-actors``): async system and generation alone;
 - weight-push latency (learner publish -> rollout actor has swapped the weights in), as recorded by the
   system in ``accounting.json`` (async and sync runs) and for idle actors;
-- peak RSS per role: the kernel's high-water mark (``VmHWM``) of each actor process during the async run.
+- peak memory per role: each actor's own high-water marks (RSS, and GPU memory allocated by torch on a
+  GPU), as the system records them in ``accounting.json`` (``peak_memory_mb``).
 
 Samples are sampled captions (rollouts). "steady" rates leave out the first fifth of the steps (start-up,
 pipeline fill); "overall" is ``summary.json``'s samples/s over all training time. Without ``--steps``, the
@@ -85,51 +86,6 @@ def cpu_seconds(pids: list[int]) -> float:
         except psutil.Error:
             pass
     return total
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    """Peak resident memory of a process so far (``VmHWM``; current RSS where /proc lacks it)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    try:
-        return psutil.Process(pid).memory_info().rss / 2**20
-    except psutil.Error:
-        return None
-
-
-class MemoryProbe:
-    """``on_step`` hook of ``run_distributed``: learns the actor pids (rollout/reward from the
-    run's incarnation ids ``<pid>-<time>``, the learner from ``info()``) and keeps each actor's
-    peak RSS, read at every step (the last step is before the actors are killed)."""
-
-    def __init__(self):
-        self.peak: dict[str, float] = {}  # actor id -> MB
-        self.learner_pid: int | None = None
-
-    def __call__(self, run, step: int, metrics: dict) -> None:
-        import ray
-
-        if self.learner_pid is None:
-            self.learner_pid = int(ray.get(run.learner.info.remote())["pid"])
-        pids = [("learner", self.learner_pid)]
-        for actor_id, incs in run.incarnations.items():
-            pids += [(actor_id, int(str(inc).split("-")[0])) for inc in incs]
-        for actor_id, pid in pids:
-            mb = peak_rss_mb(pid)
-            if mb is not None:
-                self.peak[actor_id] = max(self.peak.get(actor_id, 0.0), mb)
-
-    def per_role(self) -> dict[str, tuple[float, int]]:
-        """role -> (max over its actors of the peak RSS in MB, number of actors)."""
-        out: dict[str, list[float]] = {}
-        for actor_id, mb in self.peak.items():
-            out.setdefault(actor_id.split("-")[0], []).append(mb)
-        return {role: (max(v), len(v)) for role, v in out.items()}
 
 
 def steady_rate(metrics_path: Path) -> float | None:
@@ -291,17 +247,16 @@ def pinned_overrides() -> tuple[str, ...]:
 
 def run_system(a: argparse.Namespace, mode: str, rollout_actors: int, out: Path, extra: tuple[str, ...] = ()) -> dict:
     """One ``run_distributed`` run; its numbers from ``summary.json``, ``accounting.json`` and
-    ``metrics.jsonl``, plus each actor's peak RSS. ``extra``: config overrides of this run only."""
+    ``metrics.jsonl``. ``extra``: config overrides of this run only."""
     from actors.system import run_distributed
 
     name = f"bench-{mode}-{rollout_actors}r{'-pinned' if extra else ''}-{time.strftime('%H%M%S')}"
     cfg = make_config(a, mode, rollout_actors, name, out, extra)
-    probe = MemoryProbe()
     log = out / f"{name}.log"
     t0 = time.perf_counter()
     try:
         with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            run = run_distributed(cfg, on_step=probe)
+            run = run_distributed(cfg)
     except BaseException:
         print(f"[bench] {mode} run with {rollout_actors} rollout actors failed; its log ({log}) ends with:\n"
               + "\n".join(log.read_text().splitlines()[-30:]), file=sys.stderr, flush=True)
@@ -316,7 +271,7 @@ def run_system(a: argparse.Namespace, mode: str, rollout_actors: int, out: Path,
          "steady": steady_rate(run / "metrics.jsonl") or summary["samples_per_s"],
          "dropped": acc["dropped_for_lag"], "discarded": acc["discarded_at_stop"],
          "identity": bool(acc["identity_holds"]), "push": acc.get("weight_push_latency_s"),
-         "load": acc.get("weight_load_s"), "memory": probe.per_role(),
+         "load": acc.get("weight_load_s"), "memory": acc["peak_memory_mb"],
          "lag": float(np.mean(lags)) if lags else 0.0, "dir": run, "overrides": extra}
     print(f"[bench] {mode:5s} {rollout_actors} rollout actor(s){' pinned' if extra else ''}: {r['steps']} steps, {r['steady']:.2f} samples/s "
           f"steady, {r['overall']:.2f} overall; {wall:.0f}s wall", file=sys.stderr, flush=True)
@@ -487,12 +442,12 @@ def report(a, command, num_cpus, gen, score, learn, push_idle, sync, asy, runs, 
     row(f"isolated, {n} idle actors", *fmt_latency(push_idle["latency"]), "; slowest actor per push")
     row("  of which loading into the model", *fmt_latency(asy["load"]), "; async run")
 
-    section(f"peak RSS per role (VmHWM of each actor process, async run with {n} rollout actors)")
+    section(f"peak memory per role (each actor's high-water mark, async run with {n} rollout actors)")
     for role in ("rollout", "reward", "learner"):
-        mb, count = asy["memory"].get(role, (float("nan"), 0))
-        smb = sync["memory"].get(role, (float("nan"), 0))[0]
-        row(f"{role}", f"{mb:.0f} MB", f"max over {count} actor(s); sync run {smb:.0f} MB")
-    row("driver", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB",
+        m, sm = asy["memory"][role], sync["memory"][role]
+        gpu = f"; GPU {m['gpu']:.0f} MiB (sync run {sm['gpu']:.0f})" if m["gpu"] is not None else ""
+        row(f"{role}", f"{m['rss']:.0f} MiB", f"RSS, max over {m['actors']} actor(s); sync run {sm['rss']:.0f} MiB{gpu}")
+    row("driver", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB",
         "this process (ru_maxrss, whole benchmark)")
 
     section("accounting")

@@ -42,7 +42,7 @@ import pyarrow as pa
 import torch
 
 from vlrm.config import RunConfig
-from vlrm.raytools import node_id, pin_to_cores
+from vlrm.raytools import node_id, peak_memory_mb, pin_to_cores
 
 __all__ = ["LearnerWorker", "LearnerActor", "learner_actor_options"]
 
@@ -114,6 +114,7 @@ class LearnerWorker:
         self.node_id = node_id()
         self._publish_enabled = publish
         self._published: tuple[Any, int, float] | None = None
+        self._staging: torch.Tensor | None = None  # reused buffer the weights are packed into
         self._metrics = _LearnerMetrics()
         if self.rank == 0:
             self.publish()
@@ -148,16 +149,20 @@ class LearnerWorker:
 
     def publish(self) -> tuple[Any, int]:
         """Put the trainable tensors in the object store once; returns ``(ref, version)``."""
-        from actors.rollout import weights_to_wire
+        from vlrm.wire import packed_nbytes, weights_to_wire
 
         t0 = time.perf_counter()
-        wire = weights_to_wire(self.policy.trainable_state_dict())
+        sd = self.policy.trainable_state_dict(device=None)  # on-device copies: packed from there
         if self._publish_enabled:
             import ray
 
-            obj: Any = ray.put(wire)
+            # pack into one reused (pinned, on a GPU learner) buffer; ray.put copies it out
+            nbytes = packed_nbytes(sd)
+            if self._staging is None or self._staging.numel() < nbytes:
+                self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device == "cuda")
+            obj: Any = ray.put(weights_to_wire(sd, self._staging))
         else:
-            obj = wire
+            obj = weights_to_wire(sd)  # handed on as it is: its own buffer
         self._published = (obj, int(self.policy.version), time.time())
         self._metrics.publish(time.perf_counter() - t0)
         return obj, int(self.policy.version)
@@ -328,7 +333,8 @@ class LearnerWorker:
                "nice": os.getpriority(os.PRIO_PROCESS, 0), "cores": sorted(os.sched_getaffinity(0)),
                "host": socket.gethostname(), "step": self.step, "version": int(self.policy.version),
                "device": self.device, "totals": dict(self.totals),
-               "trainable_parameters": self.policy.num_trainable_parameters()}
+               "trainable_parameters": self.policy.num_trainable_parameters(),
+               "peak_memory_mb": peak_memory_mb(self.device)}
         if self._peers:
             import ray
 

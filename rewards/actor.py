@@ -28,7 +28,7 @@ import torch
 from rewards.combine import RewardError, build_reward
 from vlrm.config import RunConfig
 from vlrm.schema import with_rewards
-from vlrm.raytools import node_id, pin_to_cores
+from vlrm.raytools import node_id, peak_memory_mb, pin_to_cores
 
 __all__ = ["RewardWorker", "RewardActor", "RewardNaNError", "reward_actor_options", "score_batches"]
 
@@ -205,7 +205,8 @@ class RewardWorker:
                 "calls": self.calls, "merged_calls": self.merged_calls, "scored_rows": self.scored_rows,
                 "components": list(self.reward.active), "device": self.device, "host": socket.gethostname(),
                 "nice": self._pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result(),
-                "cores": sorted(self._pool.submit(os.sched_getaffinity, 0).result())}
+                "cores": sorted(self._pool.submit(os.sched_getaffinity, 0).result()),
+                "peak_memory_mb": peak_memory_mb(self.device)}
 
     def ping(self) -> str:
         return self.actor_id

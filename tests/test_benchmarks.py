@@ -42,3 +42,41 @@ def test_bench_method_on_random_models(tmp_path):
         assert float(line[45:].split()[0]) > 0
     calls = next(l for l in lines if l.startswith("vision-tower calls per image"))
     assert float(calls.split()[-1]) == 1.0
+
+
+def test_bench_weights_shapes_are_the_learners_and_the_table_prints():
+    from bench_weights import trainable_tensors
+
+    # the production learner reported 113,685,505 trainable parameters at real size (H200 run, BENCHMARKS.md)
+    sd = trainable_tensors("real", "meta", torch.bfloat16)
+    assert sum(v.numel() for v in sd.values()) == 113_685_505
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_weights.py"), "--size", "tiny", "--rounds", "1"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line[:44].strip(): line[44:].split() for line in out.stdout.splitlines()
+            if line.startswith(("publish", "load"))}
+    assert set(rows) == {"publish: tensors -> ray.put (learner)", "load: ray.get -> in the actor's tensors",
+                         "publish + load"}
+    for dict_ms, packed_ms, ratio in rows.values():
+        assert float(dict_ms) > 0 and float(packed_ms) > 0
+        assert abs(float(ratio) - float(packed_ms) / float(dict_ms)) < 0.01
+    assert "the actor's tensors equal the learner's after every load" in out.stdout
+
+
+def test_bench_system_smoke_prints_every_measure():
+    """The system benchmark end to end at the smallest size: every section of its table, with
+    the accounting identity holding in every run and each role's peak memory from accounting.json."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_system.py"), "--steps", "2", "--images", "2", "--k", "2",
+           "--max-new-tokens", "6", "--repeats", "1", "--max-actors", "1", "--rollout-actors", "1"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    for measure in ("sync samples/s", "async samples/s", "pipeline efficiency = async / slowest",
+                    "1 rollout actor", "async run", "generated == scored == consumed + dropped + discarded"):
+        assert measure in text, measure
+    assert "holds  in all" in text and "BROKEN" not in text
+    peaks = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+             if line.split()[:1] in (["rollout"], ["reward"], ["learner"]) and "MiB" in line}
+    assert set(peaks) == {"rollout", "reward", "learner"} and all(100 < v < 64 * 1024 for v in peaks.values())

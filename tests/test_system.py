@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -131,8 +132,9 @@ def test_actors_generate_score_update_and_push(paths, tmp_path, ray_local):
 
     ref, version = ray.get(learner.get_weights.remote())
     assert version == 1 and isinstance(ref, ray.ObjectRef)
-    wire = ray.get(ref)
-    names = set(wire)
+    wire = ray.get(ref)  # one packed buffer (vlrm.wire), not a dict of tensors
+    assert wire["data"].dtype == np.uint8 and wire["data"].ndim == 1
+    names = {name for name, *_ in wire["index"]}
     assert names and all(("qformer" in n or "query_tokens" in n or "language_projection" in n or "lora_" in n
                           or n.startswith("value_head")) for n in names), sorted(names)[:5]
     assert not any("vision_model" in n for n in names)
@@ -276,6 +278,11 @@ def test_run_distributed(paths, tmp_path, ray_local, mode):
         assert acc["dropped_for_lag"] == 0
     # 2 rollout actors both generated
     assert {"rollout-0", "rollout-1"} <= set(acc["nodes"])
+    # peak memory per role: each actor's own high-water mark (a process holding a captioner and
+    # torch is well over 100 MiB); CPU actors report no GPU memory
+    peaks = acc["peak_memory_mb"]
+    assert {r: peaks[r]["actors"] for r in peaks} == {"rollout": 2, "reward": 1, "learner": 1}
+    assert all(100 < peaks[r]["rss"] < 64 * 1024 and peaks[r]["gpu"] is None for r in peaks)
     assert (run / "checkpoints").is_dir() and (run / "policy" / "config.json").is_file()
     if mode == "sync":
         # resume the finished run for two more steps, in async mode: the learner restores the
@@ -501,3 +508,24 @@ def test_roles_are_pinned_to_their_node_types():
     assert _role_resources(cfg, "rollout", None, cluster) == {"rollout": 1.0}
     assert _role_resources(cfg, "learner", None, cluster) is None  # no learner nodes: anywhere
     assert _role_resources(cfg, "rollout", {"rollout": {"fast": 0.5}}, cluster) == {"fast": 0.5}
+
+
+def test_peak_memory_is_the_high_water_mark_per_role():
+    from actors.system import peak_memory
+    from vlrm.raytools import peak_memory_mb
+
+    import psutil
+
+    before = peak_memory_mb("cpu")
+    # touch enough memory to lift this (long-lived) process 200 MiB above its earlier high-water mark
+    extra = before["rss"] - psutil.Process().memory_info().rss / 2**20 + 200
+    block = np.ones(int(extra * 2**20) // 8)
+    after = peak_memory_mb("cpu")
+    del block
+    assert before["gpu"] is None and after["rss"] - before["rss"] > 150
+    # a high-water mark stays after the memory is freed (the kernel syncs RSS counters lazily: 1 % slack)
+    assert peak_memory_mb("cpu")["rss"] > 0.99 * after["rss"]
+    infos = [{"peak_memory_mb": {"rss": 900.0, "gpu": None}}, {"peak_memory_mb": {"rss": 1200.04, "gpu": 5.0}},
+             {"actor_id": "an older actor without the field"}]
+    assert peak_memory(infos) == {"rss": 1200.0, "gpu": 5.0, "actors": 2}
+    assert peak_memory([]) == {"rss": None, "gpu": None, "actors": 0}

@@ -17,6 +17,25 @@ def node_id() -> str:
     return socket.gethostname()
 
 
+def peak_memory_mb(device: str) -> dict[str, float | None]:
+    """This process's peak memory so far, in MiB: ``rss`` (the kernel's high-water mark, ``VmHWM``)
+    and ``gpu`` (the most ``torch`` has held allocated on ``device``; None off CUDA)."""
+    rss = None
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    rss = int(line.split()[1]) / 1024
+    except OSError:  # no /proc (not Linux)
+        pass
+    gpu = None
+    if str(device).startswith("cuda"):
+        import torch
+
+        gpu = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    return {"rss": rss, "gpu": gpu}
+
+
 def pin_to_cores(cores: list[int], key: str) -> list[int]:
     """Pin every thread of this process (and the threads it starts later) to ``cores``.
 
