@@ -64,12 +64,13 @@ def test_bench_weights_shapes_are_the_learners_and_the_table_prints():
     assert "the actor's tensors equal the learner's after every load" in out.stdout
 
 
-def test_bench_system_smoke_prints_every_measure():
+def test_bench_system_smoke_prints_every_measure(tiny_world):
     """The system benchmark end to end at the smallest size: every section of its table, with
     the accounting identity holding in every run and each role's peak memory from accounting.json."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_system.py"), "--steps", "2", "--images", "2", "--k", "2",
-           "--max-new-tokens", "6", "--repeats", "1", "--max-actors", "1", "--rollout-actors", "1"]
+           "--max-new-tokens", "6", "--repeats", "1", "--max-actors", "1", "--rollout-actors", "1",
+           "--set", f"data.root={tiny_world}"]  # the committed models on a small world (no data/ in a clean clone)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
