@@ -4,7 +4,8 @@
   reward, 1 learner) over the same ``--steps`` learner steps (``run_distributed``; periodic validation off,
   a tiny before/after evaluation gallery, no intermediate checkpoints);
 - each stage alone, with the same batch sizes: generation (rollout actors), scoring (one reward actor),
-  the learner update (one batch of ``images x k`` samples per step, as in async mode);
+  the learner update (one batch of ``images x k`` samples per step, the updates queued back to back,
+  as ``learner.prefetch`` queues them in async mode);
 - pipeline efficiency = async samples/s / samples/s of the slowest stage alone (goal >= 0.85), where a
   stage runs with as many actors as the system gives it, all working together and nothing else running
   (the rollout stage is measured with its N actors generating at once, so the shared cores are counted;
@@ -211,24 +212,29 @@ def bench_scoring(st: Stages, repeats: int) -> tuple[dict, list]:
 
 
 def bench_learner(st: Stages, scored: list, repeats: int, push_to: int) -> tuple[dict, dict]:
-    """The learner alone: one update per scored batch (one batch per step, as in async mode), update
-    + publish timed; after each, the new weights are pushed to ``push_to`` idle rollout actors
-    (publish -> every actor swapped)."""
+    """The learner alone, fed as async mode feeds it: after one warm-up update (optimizer state),
+    ``repeats`` updates of one scored batch each are submitted at once, so each is queued behind
+    the running one (``learner.prefetch``) and no round trip through the driver sits between
+    them; update + publish timed from the first submission to the last result. Then the weight
+    push, ``repeats`` times: the learner publishes and ``push_to`` idle rollout actors swap the
+    weights in (publish -> every actor swapped)."""
     import ray
 
-    rows, wall, cpu, latencies, loads = 0, 0.0, 0.0, [], []
-    for j, ref in enumerate(scored[: repeats + 1]):
-        c0, t0 = cpu_seconds([st.learner_pid]), time.perf_counter()
-        stats = ray.get(st.learner.update.remote([ref]))
-        dt, dc = time.perf_counter() - t0, cpu_seconds([st.learner_pid]) - c0
-        if j > 0:  # the first update is a warm-up (optimizer state)
-            rows += int(stats.get("consumed", 0)) + int(stats.get("dropped_for_lag", 0))
-            wall, cpu = wall + dt, cpu + dc
-        if stats.get("weights") is not None:
-            wref, version, published = stats["weights"]
-            acks = ray.get([a.set_weights.remote(wref, version, published) for a in st.rollouts[:push_to]])
-            latencies.append(max(float(x["latency_s"]) for x in acks))
-            loads += [float(x["load_s"]) for x in acks]
+    batches = scored[: repeats + 1]
+    if len(batches) < repeats + 1:
+        raise RuntimeError("not enough scored batches for the learner benchmark")
+    ray.get(st.learner.update.remote([batches[0]]))
+    c0, t0 = cpu_seconds([st.learner_pid]), time.perf_counter()
+    results = ray.get([st.learner.update.remote([ref]) for ref in batches[1:]])
+    wall, cpu = time.perf_counter() - t0, cpu_seconds([st.learner_pid]) - c0
+    rows = sum(int(r.get("consumed", 0)) + int(r.get("dropped_for_lag", 0)) for r in results)
+    latencies, loads = [], []
+    for _ in range(repeats):
+        wref, version = ray.get(st.learner.publish.remote())
+        published = ray.get(st.learner.get_weights_info.remote())[2]
+        acks = ray.get([a.set_weights.remote(wref, version, published) for a in st.rollouts[:push_to]])
+        latencies.append(max(float(x["latency_s"]) for x in acks))
+        loads += [float(x["load_s"]) for x in acks]
     return ({"samples_per_s": rows / wall, "cpu_s_per_sample": cpu / max(rows, 1), "rows": rows, "seconds": wall},
             {"latency": summarize(latencies), "load": summarize(loads)})
 
@@ -411,7 +417,7 @@ def report(a, command, num_cpus, gen, score, learn, push_idle, sync, asy, runs, 
     if nr > 1:
         row(f"scoring, {nr} reward actors", f"{score_stage:.2f}", "samples/s (one actor's rate x number: not measured)")
     row("learner update (+ publish), 1 learner", f"{learn['samples_per_s']:.2f}",
-        f"samples/s; {learn['cpu_s_per_sample'] * 1e3:.1f} CPU-ms/sample; one batch per step")
+        f"samples/s; {learn['cpu_s_per_sample'] * 1e3:.1f} CPU-ms/sample; one batch per step, queued back to back")
     stages = {"generation": gen_stage, "scoring": score_stage, "learner": learn["samples_per_s"]}
     slowest = min(stages, key=stages.get)
     eff = asy["steady"] / stages[slowest]

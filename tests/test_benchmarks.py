@@ -64,13 +64,20 @@ def test_bench_weights_shapes_are_the_learners_and_the_table_prints():
     assert "the actor's tensors equal the learner's after every load" in out.stdout
 
 
-def test_bench_system_smoke_prints_every_measure(tiny_world):
+def test_bench_system_smoke_prints_every_measure(tiny_world, tmp_path):
     """The system benchmark end to end at the smallest size: every section of its table, with
     the accounting identity holding in every run and each role's peak memory from accounting.json."""
+    import shutil
+
+    world = shutil.copytree(tiny_world, tmp_path / "shapes")
+    meta = (world / "meta.json").read_text()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_system.py"), "--steps", "2", "--images", "2", "--k", "2",
            "--max-new-tokens", "6", "--repeats", "1", "--max-actors", "1", "--rollout-actors", "1",
-           "--set", f"data.root={tiny_world}"]  # the committed models on a small world (no data/ in a clean clone)
+           # the committed models on a copy of the small test world (a clean clone has no data/), with its
+           # sizes, so that it is used as it is (a shapes world of other sizes would be regenerated)
+           "--set", f"data.root={world}", "--set", "data.num_train=64", "--set", "data.num_val=32",
+           "--set", "data.num_test=32"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
@@ -81,3 +88,4 @@ def test_bench_system_smoke_prints_every_measure(tiny_world):
     peaks = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
              if line.split()[:1] in (["rollout"], ["reward"], ["learner"]) and "MiB" in line}
     assert set(peaks) == {"rollout", "reward", "learner"} and all(100 < v < 64 * 1024 for v in peaks.values())
+    assert (world / "meta.json").read_text() == meta  # the world was used, not regenerated
