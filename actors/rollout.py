@@ -253,8 +253,7 @@ class RolloutWorker:
 
                 weights = ray.get(weights)
             # on a GPU actor: one host-to-device copy of the packed buffer, then on-device copies
-            on = self.device if str(self.device).startswith("cuda") else None
-            self.backend.load_weights(weights_from_wire(weights, device=on), version)
+            self.backend.load_weights(weights_from_wire(weights, device=self.device), version)
             applied = True
         load_s = time.perf_counter() - t0
         latency = (time.time() - published_at) if published_at else None

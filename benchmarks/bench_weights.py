@@ -4,7 +4,7 @@ The learner publishes the trainable tensors every step and each rollout actor lo
 batches. This times both halves side by side, in alternating rounds (median of ``--rounds``):
 
 - publish (learner side): trainable tensors -> ``ray.put``. Before: a CPU copy of each tensor,
-  then the dict put (bfloat16 tensors are pickled). Now: one on-device copy, packed into a reused
+  then the dict put (bfloat16 tensors are pickled). Now: the tensors packed straight into a reused
   (pinned on a GPU) buffer, one ``ray.put`` of a single ``uint8`` array;
 - load (rollout actor, a Ray actor holding the same tensors on its device): ``ray.get`` and the
   copy into its parameters. Before: one host-to-device copy per tensor. Now: one transfer of the
@@ -97,7 +97,7 @@ class Holder:
         t0 = time.perf_counter()
         wire = ray.get(refs[0])
         if packed:
-            state = weights_from_wire(wire, device=self.device if self.device.startswith("cuda") else None)
+            state = weights_from_wire(wire, device=self.device)
         else:
             with warnings.catch_warnings():  # read-only numpy arrays from the object store
                 warnings.simplefilter("ignore", UserWarning)
@@ -133,8 +133,8 @@ def main() -> None:
         def publish(packed: bool) -> tuple[float, object]:
             sync(a.device)
             t0 = time.perf_counter()
-            if packed:  # as LearnerWorker.publish: an on-device copy, then packed into the staging buffer
-                ref = ray.put(weights_to_wire({k: v.clone() for k, v in sd.items()}, staging))
+            if packed:  # as LearnerWorker.publish: packed from the tensors into the staging buffer
+                ref = ray.put(weights_to_wire(sd, staging))
             else:
                 ref = ray.put(dict_wire(sd))
             return time.perf_counter() - t0, ref

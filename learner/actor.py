@@ -152,7 +152,7 @@ class LearnerWorker:
         from vlrm.wire import packed_nbytes, weights_to_wire
 
         t0 = time.perf_counter()
-        sd = self.policy.trainable_state_dict(device=None)  # on-device copies: packed from there
+        sd = self.policy.trainable_state_dict(device=None)  # the parameters: packing copies them once
         if self._publish_enabled:
             import ray
 

@@ -417,14 +417,11 @@ class CaptionPolicy(nn.Module):
     # ------------------------------------------------------------------ weights
 
     def trainable_state_dict(self, device: str | torch.device | None = "cpu") -> dict[str, Tensor]:
-        """The trainable tensors only (Q-Former, query tokens, projection, LoRA, value head), detached
-        copies (on ``device``; None keeps them where they are): what a learner pushes to actors."""
-        out = {}
-        for n, p in self.named_parameters():
-            if p.requires_grad:
-                t = p.detach()
-                out[n] = t.to(device, copy=True) if device is not None else t.clone()
-        return out
+        """The trainable tensors only (Q-Former, query tokens, projection, LoRA, value head): what a
+        learner pushes to actors. Detached copies on ``device``; with None, the parameters themselves,
+        detached, no copy (for a caller that copies them before the next update, as the packed wire does)."""
+        return {n: p.detach().to(device, copy=True) if device is not None else p.detach()
+                for n, p in self.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def load_trainable_state_dict(self, sd: dict[str, Tensor], strict: bool = True) -> None:

@@ -13,6 +13,7 @@ each tensor starts at a multiple of :data:`ALIGN` bytes.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -38,11 +39,7 @@ def packed_nbytes(sd: Mapping[str, torch.Tensor]) -> int:
 
 def _view(data: torch.Tensor, dtype: str, shape: tuple[int, ...], offset: int) -> torch.Tensor:
     dt = getattr(torch, dtype)
-    n = 1
-    for s in shape:
-        n *= s
-    nbytes = n * torch.empty((), dtype=dt).element_size()
-    return data[offset:offset + nbytes].view(dt).view(shape)
+    return data[offset:offset + math.prod(shape) * dt.itemsize].view(dt).view(shape)
 
 
 def weights_to_wire(sd: Mapping[str, torch.Tensor], buffer: torch.Tensor | None = None) -> dict[str, Any]:
