@@ -19,13 +19,13 @@ setup: $(STAMP)
 # Main job on the offline default: shapes world + committed pretrained models + the Ray
 # actor-learner system on a local cluster.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) launch.py --config configs/shapes.yaml $(ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/vlrm train --config configs/shapes.yaml $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) -m pytest -q $(ARGS)
 
 pretrain: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PYTHON) -m shapes_world.pretrain --data data/shapes --out models/shapes
+	HF_HUB_OFFLINE=1 $(VENV)/bin/vlrm pretrain-shapes --data data/shapes --out models/shapes
 
 clean:
 	rm -rf $(VENV) runs data

@@ -1,23 +1,33 @@
-"""Start a VLRM training run.
+"""The ``vlrm`` command.
 
-    python launch.py --config configs/shapes.yaml                  # mode from the config
-    python launch.py --config configs/shapes.yaml --mode local     # single process, no Ray
-    python launch.py --resume runs/latest [--total_steps 400]      # continue a run
-    python launch.py --help                                        # every config key
+    vlrm train --config configs/shapes.yaml                  # mode from the config (async on Ray)
+    vlrm train --config configs/shapes.yaml --mode local     # single process, no Ray
+    vlrm train --resume runs/latest [--total_steps 400]      # continue a run
+    vlrm train --help                                        # every config key
+    vlrm pretrain-shapes --data data/shapes --out models/shapes
+    vlrm make-shapes --out data/shapes                       # write the shapes world only
 
-``--resume PATH`` takes a run folder (its newest checkpoint) or a checkpoint folder. Without
-``--config`` the run's own ``config.yaml`` is the base, so only the overrides given change.
-Everything else is a config override (``--section.key=value``, see ``vlrm.config``).
+``python launch.py ARGS`` is ``vlrm train ARGS``. ``--resume PATH`` takes a run folder (its newest
+checkpoint) or a checkpoint folder; without ``--config`` the run's own ``config.yaml`` is the
+base, so only the overrides given change. Every other argument is a config override
+(``--section.key=value``, see :mod:`vlrm.config`).
+
+Exit status: 0 on success, 2 on a usage or configuration error (the message names the key and
+where it came from), 1 with a one-line reason on any other failure.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from vlrm.config import ConfigError, load_config, parse_cli, split_cli
+from vlrm.config import ConfigError, format_help, load_config, parse_cli, split_cli
+from vlrm.registry import PluginError, load_target
 
-__all__ = ["main", "peel_resume"]
+__all__ = ["main", "train", "peel_resume", "ENGINES"]
+
+ENGINES = {"local": "actors.local:LocalEngine", "sync": "actors.driver:DistributedEngine",
+           "async": "actors.driver:DistributedEngine"}
 
 
 def peel_resume(argv: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -46,38 +56,84 @@ def peel_resume(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return resume, rest
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def train(argv: Sequence[str], **engine_options) -> Path:
+    """``vlrm train ARGS``: returns the run folder. Raises ConfigError / FileNotFoundError on bad
+    arguments (``main`` turns them into exit status 2)."""
+    from learner.trainer import run_training
+    from vlrm.run import CONFIG_FILE, resolve_resume
+
+    argv = list(argv)
     if "-h" in argv or "--help" in argv:
-        parse_cli(["--help"])  # prints every key, exits
+        print(format_help())
+        raise SystemExit(0)
+    resume, rest = peel_resume(argv)
+    if resume is not None:
+        run, _ = resolve_resume(resume)
+        config_path, overrides = split_cli(rest)
+        cfg = load_config(config_path or run / CONFIG_FILE, overrides)
+    else:
+        cfg = parse_cli(rest)
+    engine = load_target(ENGINES[cfg.mode], f"engine of mode {cfg.mode!r}")
+    return run_training(cfg, engine, resume=resume, **engine_options)
+
+
+def _pretrain_shapes(argv: Sequence[str]) -> None:
+    from shapes_world.pretrain.__main__ import main as pretrain
+
+    pretrain(list(argv))
+
+
+def _make_shapes(argv: Sequence[str]) -> None:
+    from shapes_world.dataset import main as make
+
+    make(list(argv))
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], object], str]] = {
+    "train": (train, "train a captioner with RL (the Ray actor-learner system, or --mode local)"),
+    "pretrain-shapes": (_pretrain_shapes, "rebuild the four pretrained tiny models of the shapes world"),
+    "make-shapes": (_make_shapes, "write the shapes world (Parquet splits) without training"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: vlrm COMMAND [ARGS]   (vlrm COMMAND --help for its arguments)", "", "commands:"]
+    lines += [f"  {name:<16} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``vlrm`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"vlrm: error: unknown command {name!r}\n{_usage()}", file=sys.stderr)
+        return 2
     try:
-        resume, rest = peel_resume(argv)
-        if resume is not None:
-            from vlrm.run import CONFIG_FILE, resolve_resume
+        COMMANDS[name][0](rest)
+    except (ConfigError, PluginError, FileNotFoundError) as e:
+        print(f"vlrm {name}: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse's own usage errors (2) and --help (0)
+        return int(e.code or 0) if not isinstance(e.code, str) else _fail(name, e.code)
+    except KeyboardInterrupt:
+        print(f"vlrm {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback for the log
+        import traceback
 
-            run, _ = resolve_resume(resume)
-            config_path, overrides = split_cli(rest)
-            cfg = load_config(config_path or run / CONFIG_FILE, overrides)
-        else:
-            cfg = parse_cli(rest)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"launch.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        traceback.print_exc()
+        return _fail(name, f"{type(e).__name__}: {e}")
+    return 0
 
-    if cfg.mode == "local":
-        from learner.loop import run_local
 
-        return run_local(cfg, resume=resume)
-    # "sync" / "async": the Ray actor-learner system.
-    try:
-        from actors.system import run_distributed
-    except ImportError as e:
-        raise SystemExit(
-            f"launch.py: mode {cfg.mode!r} needs the Ray actor-learner system (actors/system.py: run_distributed), "
-            f"which is not available here ({e}). Use --mode local for the single-process loop."
-        ) from None
-    return run_distributed(cfg, resume=resume)
+def _fail(name: str, reason: str) -> int:
+    print(f"vlrm {name}: failed: {str(reason).splitlines()[0] if reason else 'unknown error'}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["train"] + sys.argv[1:]))

@@ -42,9 +42,20 @@ import pyarrow as pa
 import torch
 
 from vlrm.config import RunConfig
-from vlrm.raytools import node_id, peak_memory_mb, pin_to_cores
+from vlrm.data import open_source
+from vlrm.raytools import RoleMetrics, actor_options, node_id, peak_memory_mb, pin_to_cores
+from vlrm.text import words
 
-__all__ = ["LearnerWorker", "LearnerActor", "learner_actor_options"]
+__all__ = ["LearnerWorker", "LearnerActor", "learner_actor_options", "LEARNER_METRICS"]
+
+LEARNER_METRICS = {
+    "vlrm_samples_consumed": ("counter", "rollouts used in learner updates"),
+    "vlrm_samples_dropped_for_lag": ("counter", "rollouts dropped as too old"),
+    "vlrm_samples_per_s": ("gauge", "samples/s per role and actor"),
+    "vlrm_policy_lag": ("histogram", "policy versions between sampling and learning", [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 16.5]),
+    "vlrm_update_seconds": ("histogram", "seconds per learner update", [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]),
+    "vlrm_weight_publish_seconds": ("histogram", "seconds to put weights in the object store", [0.001, 0.01, 0.05, 0.1, 0.5, 1, 5]),
+}
 
 
 class _SamplerState:
@@ -55,12 +66,6 @@ class _SamplerState:
 
     def state_dict(self) -> dict | None:
         return self._state
-
-
-def _words(text: str) -> int:
-    from vlrm.metrics import words
-
-    return len(words(text))
 
 
 class LearnerWorker:
@@ -77,13 +82,14 @@ class LearnerWorker:
 
     def __init__(self, cfg: RunConfig, run_dir: str | None = None, resume_checkpoint: str | None = None,
                  publish: bool = True, resources: Mapping[str, float] | None = None, rank: int = 0,
-                 init_method: str | None = None):
+                 init_method: str | None = None, own_process: bool = True):
         from learner.update import A2CUpdater, frozen_reference
-        from vlrm.data import ImageDataset, split_path
+        from vlrm.backend import backend_class
         from vlrm.policy import CaptionPolicy
 
-        pin_to_cores(cfg.learner.cpu_affinity, "learner.cpu_affinity")
-        torch.set_num_threads(max(1, int(cfg.learner.num_cpus or 1)))
+        if own_process:  # a Ray actor: its process's threads and cores are the role's
+            pin_to_cores(cfg.learner.cpu_affinity, "learner.cpu_affinity")
+            torch.set_num_threads(max(1, int(cfg.learner.num_cpus or 1)))
         torch.manual_seed(int(cfg.seed))
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir else None
@@ -96,7 +102,11 @@ class LearnerWorker:
         self.updater = A2CUpdater(self.policy, cfg.learner, temperature=cfg.rollout.temperature,
                                   min_new_tokens=cfg.rollout.min_new_tokens, group=self.group,
                                   reference=reference, kl_coef=cfg.reward.kl_coef)
-        self.dataset = ImageDataset.open(split_path(cfg.data.root, cfg.data.train_split))
+        self.source = open_source(cfg.data)
+        self.dataset = self.source.split(cfg.data.train_split)
+        self._splits: dict[str, Any] = {}
+        # the form the rollout backends take pushed weights in (vlrm.backend)
+        self.weights_format = getattr(backend_class(cfg.rollout.backend), "weights_format", "policy")
         self.step = 0
         self._resume_state: dict | None = None
         if resume_checkpoint:
@@ -115,7 +125,7 @@ class LearnerWorker:
         self._publish_enabled = publish
         self._published: tuple[Any, int, float] | None = None
         self._staging: torch.Tensor | None = None  # reused buffer the weights are packed into
-        self._metrics = _LearnerMetrics()
+        self._metrics = RoleMetrics("learner", "learner", LEARNER_METRICS)
         if self.rank == 0:
             self.publish()
 
@@ -152,7 +162,10 @@ class LearnerWorker:
         from vlrm.wire import packed_nbytes, weights_to_wire
 
         t0 = time.perf_counter()
-        sd = self.policy.trainable_state_dict(device=None)  # the parameters: packing copies them once
+        if self.weights_format == "hf":
+            sd = self.policy.hf_state_dict()  # LoRA merged into the base names of the HF model
+        else:
+            sd = self.policy.trainable_state_dict(device=None)  # the parameters: packing copies them once
         if self._publish_enabled:
             import ray
 
@@ -164,7 +177,7 @@ class LearnerWorker:
         else:
             obj = weights_to_wire(sd)  # handed on as it is: its own buffer
         self._published = (obj, int(self.policy.version), time.time())
-        self._metrics.publish(time.perf_counter() - t0)
+        self._metrics.observe("vlrm_weight_publish_seconds", time.perf_counter() - t0)
         return obj, int(self.policy.version)
 
     def get_weights(self) -> tuple[Any, int]:
@@ -189,7 +202,7 @@ class LearnerWorker:
         ``publish_seconds``, their total ``learner_seconds``, and ``lock_wait_seconds`` (spent
         queued behind the previous update, ``learner.prefetch``; not in the total).
         """
-        from learner.update import unique_rows
+        from vlrm.images import unique_index
         from vlrm.schema import to_tensors
 
         t_start = time.perf_counter()
@@ -218,7 +231,7 @@ class LearnerWorker:
                               "version": int(self.policy.version), "weights": None}
             table = pa.Table.from_batches(fresh)
             rt = to_tensors(table, self.policy.pad_token_id)
-            rows, _ = unique_rows(rt.image_rows)
+            rows, _ = unique_index(rt.image_rows.tolist())
             images, _, _ = self.dataset.images(rows)
             pixels = self.policy.preprocess(images)
             version_before = int(self.policy.version)
@@ -243,7 +256,7 @@ class LearnerWorker:
                 consumed=kept, dropped_for_lag=dropped, skipped=float(skipped), step=self.step,
                 version=int(self.policy.version), update_seconds=update_s,
                 reward=float(table.column("reward").to_numpy(zero_copy_only=False).mean()),
-                caption_words=sum(_words(t) for t in texts) / max(len(texts), 1),
+                caption_words=sum(len(words(t)) for t in texts) / max(len(texts), 1),
                 received_lag_mean=float(lags.mean()), received_lag_max=float(lags.max()),
             )
             for f in table.schema:
@@ -260,7 +273,13 @@ class LearnerWorker:
             out["lock_wait_seconds"] = waited
             self._join_peers(peer_calls)
             out["learner_seconds"] = time.perf_counter() - t_start - waited
-            self._metrics.update(kept, dropped, lags.tolist(), update_s, out["learner_seconds"])
+            m = self._metrics
+            m.inc("vlrm_samples_consumed", kept)
+            m.inc("vlrm_samples_dropped_for_lag", dropped)
+            m.set("vlrm_samples_per_s", (kept + dropped) / max(out["learner_seconds"], 1e-9))
+            m.observe("vlrm_update_seconds", update_s)
+            for lag in set(lags.tolist()):  # one observation per distinct lag: a histogram of batches
+                m.observe("vlrm_policy_lag", lag)
             return out
 
     def _join_peers(self, calls: list) -> None:
@@ -288,17 +307,20 @@ class LearnerWorker:
     def evaluate(self, split: str | None = None, subset: int | None = None) -> dict:
         """:func:`vlrm.run.evaluate_policy` on a split (``eval.split`` by default) with the
         evaluator CLIP ``eval.evaluator_path`` and the evaluation decoding of ``cfg.eval``."""
-        from vlrm.data import split_path
-        from vlrm.evaluate import ClipEvaluator
-        from vlrm.run import evaluate_policy
+        from vlrm.evaluate import ClipEvaluator, evaluate_policy
 
         e = self.cfg.eval
+        name = split or e.split
         with self._lock:
             if self._evaluator is None:
                 self._evaluator = ClipEvaluator(e.evaluator_path, device=self.device)
+            if name not in self._splits:
+                self._splits[name] = self.source.split(name)
+            data = self._splits[name]
             t0 = time.perf_counter()
-            out = evaluate_policy(self.policy, split_path(self.cfg.data.root, split or e.split), self._evaluator,
-                                  subset=subset, decoding=e.decoding, num_beams=e.num_beams,
+            out = evaluate_policy(self.policy, data, self._evaluator, subset=subset,
+                                  ground_truth=lambda rows, caps: self.source.ground_truth(data, rows, caps),
+                                  decoding=e.decoding, num_beams=e.num_beams,
                                   no_repeat_ngram_size=e.no_repeat_ngram_size, max_new_tokens=e.max_new_tokens)
             out["seconds"] = time.perf_counter() - t0
             out["policy_version"] = int(self.policy.version)
@@ -373,48 +395,6 @@ def _resolve(batches: Sequence[Any]) -> list[pa.RecordBatch]:
     return out
 
 
-class _LearnerMetrics:
-    def __init__(self):
-        self.tags = {"role": "learner", "actor": "learner"}
-        self.ok = False
-        try:
-            import ray
-            from ray.util import metrics as m
-
-            if not ray.is_initialized():
-                return
-            keys = ("role", "actor")
-            self.consumed = m.Counter("vlrm_samples_consumed", "rollouts used in learner updates", tag_keys=keys)
-            self.dropped = m.Counter("vlrm_samples_dropped_for_lag", "rollouts dropped as too old", tag_keys=keys)
-            self.rate = m.Gauge("vlrm_samples_per_s", "samples/s per role and actor", tag_keys=keys)
-            self.lag = m.Histogram("vlrm_policy_lag", "policy versions between sampling and learning",
-                                   boundaries=[0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 16.5], tag_keys=keys)
-            self.update_s = m.Histogram("vlrm_update_seconds", "seconds per learner update",
-                                        boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=keys)
-            self.publish_s = m.Histogram("vlrm_weight_publish_seconds", "seconds to put weights in the object store",
-                                         boundaries=[0.001, 0.01, 0.05, 0.1, 0.5, 1, 5], tag_keys=keys)
-            self.ok = True
-        except Exception:
-            self.ok = False
-
-    def update(self, kept: int, dropped: int, lags: list[float], update_s: float, total_s: float) -> None:
-        if not self.ok:
-            return
-        if kept:  # Ray counters refuse 0 (a batch dropped whole for lag keeps none)
-            self.consumed.inc(kept, tags=self.tags)
-        if dropped:
-            self.dropped.inc(dropped, tags=self.tags)
-        self.rate.set((kept + dropped) / max(total_s, 1e-9), tags=self.tags)
-        self.update_s.observe(update_s, tags=self.tags)
-        # one observation per distinct lag value is enough for a histogram of batches
-        for lag in set(lags):
-            self.lag.observe(max(float(lag), 0.0), tags=self.tags)
-
-    def publish(self, seconds: float) -> None:
-        if self.ok:
-            self.publish_s.observe(seconds, tags=self.tags)
-
-
 def learner_actor_options(cfg: RunConfig, resources: Mapping[str, float] | None = None) -> dict:
     """``.options(...)`` of the learner: ``cfg.learner`` CPUs/GPUs, no restarts (a lost learner
     ends the run; resume from its last checkpoint), three threads (``get_weights`` beside a
@@ -422,13 +402,10 @@ def learner_actor_options(cfg: RunConfig, resources: Mapping[str, float] | None 
     starts at that niceness instead of the 15 Ray gives worker processes (Ray's own
     ``RAY_worker_niceness``, which its job supervisor sets to 0 the same way; the actor's
     ``env_vars`` are merged with the job's runtime environment)."""
-    opts: dict[str, Any] = {"num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.learner.num_gpus,
-                            "max_restarts": 0, "max_concurrency": 3}
+    extra: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 3}
     if cfg.learner.niceness is not None:
-        opts["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(int(cfg.learner.niceness))}}
-    if resources:
-        opts["resources"] = dict(resources)
-    return opts
+        extra["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(int(cfg.learner.niceness))}}
+    return actor_options(cfg.learner, resources, **extra)
 
 
 try:

@@ -44,10 +44,11 @@ from learner.algorithms import (
     vtrace_targets,
 )
 from vlrm.config import LearnerConfig
+from vlrm.images import unique_index
 from vlrm.policy import CaptionPolicy, PolicyForward
 from vlrm.schema import RolloutTensors
 
-__all__ = ["A2CUpdater", "frozen_reference", "unique_rows", "select_rollouts", "group_loo_advantages"]
+__all__ = ["A2CUpdater", "frozen_reference", "select_rollouts", "group_loo_advantages"]
 
 
 def frozen_reference(policy_cfg: Any, device: str = "cpu") -> CaptionPolicy:
@@ -65,22 +66,6 @@ def _images_of(pixels: Tensor, image_index: Tensor, rows: slice, whole: bool) ->
         return pixels, image_index
     used, index = torch.unique(image_index[rows], return_inverse=True)
     return pixels[used.to(pixels.device)], index
-
-
-def unique_rows(image_rows: Tensor | Sequence[int]) -> tuple[list[int], Tensor]:
-    """``(rows, index)``: the distinct dataset rows in order of first appearance, and ``[B]``
-    long with ``rows[index[i]] == image_rows[i]``. The pixel values given to
-    :meth:`A2CUpdater.step` follow ``rows`` unless ``pixel_rows`` says otherwise."""
-    rows: list[int] = []
-    pos: dict[int, int] = {}
-    index = []
-    for r in torch.as_tensor(image_rows).reshape(-1).tolist():
-        j = pos.get(int(r))
-        if j is None:
-            j = pos[int(r)] = len(rows)
-            rows.append(int(r))
-        index.append(j)
-    return rows, torch.tensor(index, dtype=torch.long)
 
 
 def select_rollouts(rt: RolloutTensors, keep: Tensor) -> RolloutTensors:
@@ -197,7 +182,7 @@ class A2CUpdater:
             current_version: the learner's policy version for the lag filter; default
                 ``policy.version``.
             pixel_rows: the dataset row of each of the ``N`` images; default: the distinct
-                ``rollout.image_rows`` in order of first appearance (:func:`unique_rows`).
+                ``rollout.image_rows`` in order of first appearance (:func:`vlrm.images.unique_index`).
 
         Stats: ``loss``, ``policy_loss``, ``value_loss``, ``entropy`` (0 unless computed),
         ``neg_logprob`` (an entropy estimate that is always available), ``grad_norm`` /
@@ -216,7 +201,7 @@ class A2CUpdater:
         dropped = int((~keep).sum())
         self.total_dropped += dropped
         if pixel_rows is None:
-            pixel_rows, _ = unique_rows(rollout.image_rows)
+            pixel_rows, _ = unique_index(rollout.image_rows.reshape(-1).tolist())
         pixel_rows = [int(r) for r in pixel_rows]
         if len(pixel_rows) != int(pixel_values.shape[0]):
             raise ValueError(f"{pixel_values.shape[0]} images but {len(pixel_rows)} pixel_rows")

@@ -19,7 +19,6 @@ import concurrent.futures
 import os
 import socket
 import time
-from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
@@ -27,10 +26,19 @@ import torch
 
 from rewards.combine import RewardError, build_reward
 from vlrm.config import RunConfig
+from vlrm.data import open_source
+from vlrm.images import unique_index
+from vlrm.raytools import BatchCache, RoleMetrics, actor_options, node_id, peak_memory_mb, pin_to_cores
 from vlrm.schema import with_rewards
-from vlrm.raytools import node_id, peak_memory_mb, pin_to_cores
 
-__all__ = ["RewardWorker", "RewardActor", "RewardNaNError", "reward_actor_options", "score_batches"]
+__all__ = ["RewardWorker", "RewardActor", "RewardNaNError", "reward_actor_options", "score_batches", "REWARD_METRICS"]
+
+REWARD_METRICS = {
+    "vlrm_samples_scored": ("counter", "captions scored by reward actors"),
+    "vlrm_samples_per_s": ("gauge", "samples/s per role and actor"),
+    "vlrm_score_seconds": ("histogram", "seconds per reward-model call", [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30]),
+    "vlrm_reward_requests_per_call": ("histogram", "rollout batches merged into one reward call", [1, 2, 3, 4, 6, 8, 16]),
+}
 
 
 class RewardNaNError(RewardError):
@@ -58,13 +66,8 @@ def score_batches(reward, dataset, batches: Sequence[pa.RecordBatch]) -> tuple[l
     image_rows = table.column("image_row").to_pylist()
     rollout_ids = table.column("rollout_id").to_pylist()
     batch_ids = sorted(set(table.column("batch_id").to_pylist()))
-    uniq: dict[int, int] = {}
-    index: list[int] = []
-    for r in image_rows:
-        if r not in uniq:
-            uniq[r] = len(uniq)
-        index.append(uniq[r])
-    images, _, _ = dataset.images(list(uniq))
+    uniq, index = unique_index(image_rows)
+    images, _, _ = dataset.images(uniq)
     try:
         out = reward(images, captions, image_index=index)
     except RewardError as e:
@@ -115,22 +118,20 @@ class RewardWorker:
         cache_size: recent results kept for idempotent retries (per ``batch_id``).
     """
 
-    def __init__(self, cfg: RunConfig, actor_id: str, cache_size: int = 16):
-        from vlrm.data import ImageDataset, split_path
-
-        pin_to_cores(cfg.reward.cpu_affinity, "reward.cpu_affinity")
-        torch.set_num_threads(max(1, int(cfg.reward.num_cpus or 1)))
+    def __init__(self, cfg: RunConfig, actor_id: str, cache_size: int = 16, own_process: bool = True):
+        if own_process:  # a Ray actor: its process's threads and cores are the role's
+            pin_to_cores(cfg.reward.cpu_affinity, "reward.cpu_affinity")
+            torch.set_num_threads(max(1, int(cfg.reward.num_cpus or 1)))
         self.cfg = cfg
         self.actor_id = actor_id
         self.device = "cuda" if cfg.reward.num_gpus and torch.cuda.is_available() else "cpu"
         self.reward = build_reward(cfg.reward, cfg.policy.model_path, device=self.device)
-        self.dataset = ImageDataset.open(split_path(cfg.data.root, cfg.data.train_split))
+        self.dataset = open_source(cfg.data).split(cfg.data.train_split)
         self.wait_s = max(0.0, float(cfg.reward.batch_wait_s))
         self.pid = os.getpid()
         self.incarnation = f"{self.pid}-{time.time():.6f}"
         self.node_id = node_id()
-        self._cache: OrderedDict[str, tuple[pa.RecordBatch, dict]] = OrderedDict()
-        self._cache_size = int(cache_size)
+        self._cache = BatchCache(cache_size)
         self._pending: list[tuple[pa.RecordBatch, asyncio.Future, float]] = []
         self._flusher: asyncio.Task | None = None
         # The models run on this one thread; with reward.nice it yields the CPU to the learner where
@@ -140,7 +141,7 @@ class RewardWorker:
         self.calls = 0
         self.scored_rows = 0
         self.merged_calls = 0  # model calls that served more than one request
-        self._metrics = _RewardMetrics(actor_id)
+        self._metrics = RoleMetrics("reward", actor_id, REWARD_METRICS)
 
     # ------------------------------------------------------------------ async API (Ray)
 
@@ -152,9 +153,9 @@ class RewardWorker:
     # Ray's num_returns is set on the actor method below (score_with_meta has 2 returns).
     async def _score(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, dict]:
         bid = batch.column("batch_id")[0].as_py() if batch.num_rows else f"empty-{id(batch)}"
-        if bid in self._cache:
-            b, m = self._cache[bid]
-            return b, dict(m, cached=True)
+        cached = self._cache.get(bid)
+        if cached is not None:
+            return cached[0], dict(cached[1], cached=True)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         self._pending.append((batch, fut, time.perf_counter()))
@@ -181,7 +182,7 @@ class RewardWorker:
             self._account(call, seconds)
             for (b, fut, t_in), s in zip(group, scored):
                 meta = _batch_meta(s, call, seconds, self.actor_id, self.incarnation, self.node_id, t0 - t_in)
-                self._remember(meta["batch_id"], s, meta)
+                self._cache.put(meta["batch_id"], (s, meta))
                 if not fut.done():
                     fut.set_result((s, meta))
 
@@ -196,7 +197,7 @@ class RewardWorker:
         out = []
         for s in scored:
             meta = _batch_meta(s, call, seconds, self.actor_id, self.incarnation, self.node_id, 0.0)
-            self._remember(meta["batch_id"], s, meta)
+            self._cache.put(meta["batch_id"], (s, meta))
             out.append((s, meta))
         return out
 
@@ -218,57 +219,16 @@ class RewardWorker:
         self.scored_rows += call["rows"]
         if call["batches"] > 1:
             self.merged_calls += 1
-        self._metrics.scored(call, seconds)
-
-    def _remember(self, bid: str | None, batch: pa.RecordBatch, meta: dict) -> None:
-        if bid is None:
-            return
-        self._cache[bid] = (batch, meta)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-
-
-class _RewardMetrics:
-    def __init__(self, actor_id: str):
-        self.tags = {"role": "reward", "actor": actor_id}
-        self.ok = False
-        try:
-            import ray
-            from ray.util import metrics as m
-
-            if not ray.is_initialized():
-                return
-            keys = ("role", "actor")
-            self.samples = m.Counter("vlrm_samples_scored", "captions scored by reward actors", tag_keys=keys)
-            self.rate = m.Gauge("vlrm_samples_per_s", "samples/s per role and actor", tag_keys=keys)
-            self.component = m.Gauge("vlrm_reward_component", "mean reward component of the last call",
-                                     tag_keys=("role", "actor", "component"))
-            self.seconds = m.Histogram("vlrm_score_seconds", "seconds per reward-model call",
-                                       boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30], tag_keys=keys)
-            self.merged = m.Histogram("vlrm_reward_requests_per_call", "rollout batches merged into one reward call",
-                                      boundaries=[1, 2, 3, 4, 6, 8, 16], tag_keys=keys)
-            self.ok = True
-        except Exception:
-            self.ok = False
-
-    def scored(self, call: dict, seconds: float) -> None:
-        if not self.ok:
-            return
-        if call["rows"]:  # Ray counters refuse 0
-            self.samples.inc(call["rows"], tags=self.tags)
-        self.rate.set(call["rows"] / max(seconds, 1e-9), tags=self.tags)
-        self.seconds.observe(seconds, tags=self.tags)
-        self.merged.observe(call["batches"], tags=self.tags)
+        m = self._metrics
+        m.inc("vlrm_samples_scored", call["rows"])
+        m.set("vlrm_samples_per_s", call["rows"] / max(seconds, 1e-9))
+        m.observe("vlrm_score_seconds", seconds)
+        m.observe("vlrm_reward_requests_per_call", call["batches"])
 
 
 def reward_actor_options(cfg: RunConfig, resources: Mapping[str, float] | None = None) -> dict:
     """``.options(...)`` of a reward actor from ``cfg.reward``."""
-    r = cfg.reward
-    opts: dict[str, Any] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_restarts": r.max_restarts,
-                            "max_task_retries": r.max_task_retries, "max_concurrency": 64}
-    if resources:
-        opts["resources"] = dict(resources)
-    return opts
+    return actor_options(cfg.reward, resources, max_concurrency=64)
 
 
 try:

@@ -14,21 +14,23 @@ computed at all (a zero-weighted CLIP is never run). A NaN or infinite value in 
 raises :class:`RewardError` naming the component and the caption: a broken reward never
 silently becomes a training signal.
 
-:func:`build_reward` builds the combination from :class:`vlrm.config.RewardConfig`. Built-in
-component names: ``clip`` (:class:`rewards.clip_reward.ClipReward`), ``itm``
+:func:`build_reward` builds the combination from ``reward.components`` of the config. Built-in
+components: ``clip`` (:class:`rewards.clip_reward.ClipReward`), ``itm``
 (:class:`rewards.itm_reward.ItmReward`), ``ref`` (:class:`rewards.ref_lm.ReferenceLMReward`),
-``bad``, ``repeat``, ``length`` (:mod:`rewards.penalties`). More can be added with
-:func:`register_reward`::
+``bad``, ``repeat``, ``length`` (:mod:`rewards.penalties`). A user's component is a factory named
+by import path, called with its options as keyword arguments (plus ``device``, ``captioner_path``
+and ``dtype`` where its signature names them)::
 
-    def my_factory(cfg, captioner_path, device):
-        return MyReward(device=device)          # a callable with a ``name``
+    # my_rewards.py
+    def factory(target_words=12, device="cpu"):
+        return lambda images, captions: torch.tensor([-abs(len(c.split()) - target_words) for c in captions])
 
-    register_reward("mine", my_factory)
-    # then: --reward.weights.mine=0.5
+    # config: reward.components.brevity: {target: "my_rewards.py:factory", weight: 0.5, target_words: 10}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import time
@@ -37,15 +39,18 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from vlrm.dtypes import open_clip_precision
+from vlrm.images import unique_images
+from vlrm.registry import load_target
+
 __all__ = [
     "RewardError",
     "RewardFunction",
     "RewardOutput",
     "CombinedReward",
+    "RewardContext",
     "build_reward",
-    "register_reward",
-    "registered_rewards",
-    "unique_images",
+    "BUILTIN_FACTORIES",
 ]
 
 
@@ -90,44 +95,6 @@ class RewardOutput:
     components: dict[str, torch.Tensor]
     seconds: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
-
-
-def check_pairing(images: Sequence[Any], captions: Sequence[str], image_index: Sequence[int] | torch.Tensor | None) -> None:
-    """Raise ``ValueError`` unless every caption has an image: one image per caption, or an
-    ``image_index`` entry per caption."""
-    if image_index is None and len(images) != len(captions):
-        raise ValueError(f"{len(images)} images for {len(captions)} captions (pass image_index to share images)")
-    if image_index is not None and len(image_index) != len(captions):
-        raise ValueError(f"image_index has {len(image_index)} entries for {len(captions)} captions")
-
-
-def unique_images(images: Sequence[Any], image_index: Sequence[int] | torch.Tensor | None = None) -> tuple[list[Any], list[int]]:
-    """``(unique, index)`` with ``images[i] is unique[index[i]]`` (expanded form).
-
-    Without ``image_index``, images are deduplicated by object identity (``id()``): rollouts pass
-    the same image object k times. With ``image_index``, ``images`` are taken as already unique
-    and ``image_index`` is validated and returned as a list.
-    """
-    if image_index is None:
-        seen: dict[int, int] = {}
-        unique: list[Any] = []
-        index: list[int] = []
-        for img in images:
-            j = seen.get(id(img))
-            if j is None:
-                j = seen[id(img)] = len(unique)
-                unique.append(img)
-            index.append(j)
-        return unique, index
-    if isinstance(image_index, torch.Tensor):
-        index = [int(i) for i in image_index.reshape(-1).tolist()]
-    else:
-        index = [int(i) for i in image_index]
-    n = len(images)
-    for i, j in enumerate(index):
-        if not 0 <= j < n:
-            raise IndexError(f"image_index[{i}] = {j} is out of range for {n} images")
-    return list(images), index
 
 
 def _accepts_image_index(fn: Callable) -> bool:
@@ -249,112 +216,103 @@ class CombinedReward:
 
 
 # --------------------------------------------------------------------------------------
-# Registry and construction from config
+# Construction from config
 # --------------------------------------------------------------------------------------
 
-# factory(cfg: RewardConfig, captioner_path: str, device: str) -> reward callable
-RewardFactory = Callable[[Any, str, str], Callable]
+
+@dataclass
+class RewardContext:
+    """What a reward factory may need beside its own options: the captioner (the default
+    reference LM), the device and the dtype of the reward models."""
+
+    captioner_path: str
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
-# reward.dtype -> open_clip precision ("pure_*": every parameter in that dtype, as HF models load)
-_CLIP_PRECISION = {"float32": "fp32", "bfloat16": "pure_bf16", "float16": "pure_fp16"}
-
-
-def _clip(cfg: Any, captioner_path: str, device: str) -> Callable:
+def _clip(ctx: RewardContext, path: str, prompt_prefix: str = "", contrast: str = "none") -> Callable:
     from rewards.clip_reward import ClipReward
 
-    return ClipReward(cfg.clip_path, device=device, prompt_prefix=cfg.clip_prompt_prefix, contrast=cfg.clip_contrast,
-                      precision=_CLIP_PRECISION[cfg.dtype])
+    return ClipReward(path, device=ctx.device, prompt_prefix=prompt_prefix, contrast=contrast,
+                      precision=open_clip_precision(ctx.dtype))
 
 
-def _itm(cfg: Any, captioner_path: str, device: str) -> Callable:
+def _itm(ctx: RewardContext, path: str) -> Callable:
     from rewards.itm_reward import ItmReward
 
-    return ItmReward(cfg.itm_path, device=device, dtype=cfg.dtype)
+    return ItmReward(path, device=ctx.device, dtype=ctx.dtype)
 
 
-def _ref(cfg: Any, captioner_path: str, device: str) -> Callable:
+def _ref(ctx: RewardContext, lm_path: str | None = None) -> Callable:
     from rewards.ref_lm import ReferenceLMReward
 
-    return ReferenceLMReward(lm_path=cfg.ref_lm_path, captioner_path=captioner_path, device=device, dtype=cfg.dtype)
+    return ReferenceLMReward(lm_path=lm_path, captioner_path=ctx.captioner_path, device=ctx.device, dtype=ctx.dtype)
 
 
-def _bad(cfg: Any, captioner_path: str, device: str) -> Callable:
+def _bad(ctx: RewardContext, phrases: Sequence[str] | None = None) -> Callable:
     from rewards.penalties import BadPhrasePenalty
 
-    return BadPhrasePenalty(phrases=cfg.bad_phrases)
+    return BadPhrasePenalty(phrases=phrases)
 
 
-def _repeat(cfg: Any, captioner_path: str, device: str) -> Callable:
+def _repeat(ctx: RewardContext, ngram: int = 2, words: str = "all") -> Callable:
     from rewards.penalties import RepetitionPenalty
 
-    return RepetitionPenalty(n=cfg.repeat_ngram, word_repeats=cfg.repeat_words)
+    return RepetitionPenalty(n=ngram, word_repeats=words)
 
 
-def _length(cfg: Any, captioner_path: str, device: str) -> Callable:
+def _length(ctx: RewardContext) -> Callable:
     from rewards.penalties import LengthReward
 
     return LengthReward()
 
 
-_REGISTRY: dict[str, RewardFactory] = {
-    "clip": _clip,
-    "itm": _itm,
-    "ref": _ref,
-    "bad": _bad,
-    "repeat": _repeat,
-    "length": _length,
-}
-_BUILTIN = frozenset(_REGISTRY)
+BUILTIN_FACTORIES: dict[str, Callable[..., Callable]] = {
+    "clip": _clip, "itm": _itm, "ref": _ref, "bad": _bad, "repeat": _repeat, "length": _length}
 
 
-def register_reward(name: str, factory: RewardFactory, *, overwrite: bool = False) -> None:
-    """Make ``name`` usable as a key of ``reward.weights``.
-
-    ``factory(cfg: RewardConfig, captioner_path: str, device: str)`` returns the reward
-    callable; it is only called when the weight is non-zero. Re-registering a name raises
-    unless ``overwrite=True``; built-in names can be overwritten the same way.
-    """
-    if not isinstance(name, str) or not name or "." in name or "/" in name:
-        raise ValueError(f"reward name must be a non-empty string without '.' or '/', got {name!r}")
-    if not callable(factory):
-        raise TypeError(f"factory for reward '{name}' is not callable: {factory!r}")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"reward '{name}' is already registered; pass overwrite=True to replace it")
-    _REGISTRY[name] = factory
-
-
-def registered_rewards() -> list[str]:
-    """Names accepted as ``reward.weights`` keys."""
-    return sorted(_REGISTRY)
+def _call_factory(factory: Callable, ctx: RewardContext, options: Mapping[str, Any], name: str) -> Callable:
+    """``factory(**options)``, plus ``device=`` / ``captioner_path=`` / ``dtype=`` where it takes them."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    extra = {k: getattr(ctx, k) for k in ("device", "captioner_path", "dtype") if k in params or takes_any}
+    try:
+        return factory(**extra, **options)
+    except TypeError as e:
+        raise RewardError(f"reward component '{name}': its factory {factory!r} does not take the options "
+                          f"{sorted(options)} ({e})", component=name) from e
 
 
 def build_reward(cfg: Any, captioner_path: str, device: str = "cpu") -> CombinedReward:
-    """The :class:`CombinedReward` described by a :class:`vlrm.config.RewardConfig`.
+    """The :class:`CombinedReward` of a :class:`vlrm.config.RewardConfig`'s ``components``.
 
     Only components with a non-zero weight are built (models of zero-weighted terms are never
-    loaded). Every built component's ``name`` is set to its weight key.
+    loaded). A user's component (``target``) is imported here, in the process that scores: a
+    Ray reward actor imports it itself. Every built component's ``name`` is its config key.
 
     Raises:
-        ValueError: a weight key names no registered reward (the message lists the valid ones).
+        PluginError: a target cannot be imported.
+        RewardError: a factory failed or returned something that is not callable.
     """
-    weights = dict(cfg.weights)
-    unknown = [k for k in weights if k not in _REGISTRY]
-    if unknown:
-        raise ValueError(
-            f"unknown reward component(s) {unknown} in reward.weights; valid names: {registered_rewards()}"
-            " (add more with rewards.combine.register_reward)"
-        )
+    ctx = RewardContext(captioner_path=captioner_path, device=device, dtype=cfg.dtype)
     components: dict[str, Callable] = {}
-    for name, w in weights.items():
-        if w == 0:
+    for name, comp in cfg.components.items():
+        if comp.weight == 0:
             continue
-        comp = _REGISTRY[name](cfg, captioner_path, device)
-        if not callable(comp):
-            raise TypeError(f"factory of reward '{name}' returned a non-callable {comp!r}")
+        options = {k: v for k, v in dataclasses.asdict(comp).items() if k not in ("weight", "target", "options")}
+        if name in BUILTIN_FACTORIES and getattr(comp, "target", None) is None:
+            fn = BUILTIN_FACTORIES[name](ctx, **options)
+        else:
+            factory = load_target(comp.target, f"reward component '{name}' target")
+            fn = _call_factory(factory, ctx, dict(comp.options), name)
+        if not callable(fn):
+            raise RewardError(f"the factory of reward component '{name}' returned a non-callable {fn!r}", component=name)
         try:
-            comp.name = name
+            fn.name = name
         except AttributeError:
             pass
-        components[name] = comp
-    return CombinedReward(components, weights)
+        components[name] = fn
+    return CombinedReward(components, cfg.weights())

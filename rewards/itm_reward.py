@@ -30,18 +30,12 @@ from typing import Any, Sequence
 
 import torch
 
-from rewards.clip_reward import to_pil
-from rewards.combine import check_pairing, unique_images
+from vlrm.dtypes import torch_dtype
+from vlrm.images import check_pairing, to_pil, unique_images
 
 __all__ = ["ItmReward"]
 
 log = logging.getLogger(__name__)
-
-
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
-    if isinstance(dtype, str) and dtype != "auto":
-        return getattr(torch, dtype)
-    return dtype
 
 
 class ItmReward:
@@ -72,7 +66,7 @@ class ItmReward:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        kwargs = {} if dtype is None else {"dtype": _dtype(dtype)}
+        kwargs = {} if dtype is None else {"dtype": dtype if dtype == "auto" else torch_dtype(dtype)}
         self.model = Blip2ForImageTextRetrieval.from_pretrained(str(model_path), **kwargs).to(device)
         self.model.eval().requires_grad_(False)
         self.processor = Blip2Processor.from_pretrained(str(model_path))

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from vlrm.text import repeat_share, repetition_rate, words
+
 __all__ = [
     "DEFAULT_BAD_PHRASES",
     "DEFAULT_BAD_REGEXES",
@@ -48,48 +50,6 @@ DEFAULT_BAD_REGEXES: tuple[str, ...] = (r"\b(?:1[89]|20)\d{2}\b",)
 DEFAULT_FUNCTION_WORDS: frozenset[str] = frozenset(
     "a an the and or of in on at to with by for from is are it its this that".split()
 )
-
-_WORD_RE = re.compile(r"\w+(?:'\w+)?")
-
-
-def words(caption: str) -> list[str]:
-    """Lower-cased words of ``caption`` (punctuation dropped)."""
-    return _WORD_RE.findall(caption.lower())
-
-
-def _repeat_share(tokens: Sequence[str], n: int, ignore: Iterable[str] = ()) -> float:
-    """Share of the n-grams of ``tokens`` that repeat an earlier n-gram of the same caption.
-
-    The first occurrence is not a repeat: "red red red" has unigram share 2/3. Unigrams in
-    ``ignore`` are never counted as repeats (they stay in the denominator). 0 when there are
-    no n-grams.
-    """
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    if not grams:
-        return 0.0
-    ignore = set(ignore) if n == 1 else set()
-    seen: set[tuple[str, ...]] = set()
-    repeats = 0
-    for g in grams:
-        if g in seen and not (n == 1 and g[0] in ignore):
-            repeats += 1
-        seen.add(g)
-    return repeats / len(grams)
-
-
-def repetition_rate(captions: Sequence[str], n: int = 2) -> float:
-    """Evaluation metric: mean over captions of the share of word ``n``-grams that repeat an
-    earlier ``n``-gram of the same caption (``n=1``: repeated words, ``n=2``: repeated bigrams).
-
-    No word is ignored here (unlike :class:`RepetitionPenalty`'s word term), so the metric is
-    independent of the training reward's choices. 0.0 for an empty list.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if not captions:
-        return 0.0
-    return sum(_repeat_share(words(c), n) for c in captions) / len(captions)
-
 
 class BadPhrasePenalty:
     """``-(number of bad-phrase matches)`` per caption.
@@ -166,13 +126,13 @@ class RepetitionPenalty:
     def score(self, caption: str) -> float:
         toks = words(caption)
         if self.word_repeats == "all":
-            word_term = _repeat_share(toks, 1, self.ignore_words)
+            word_term = repeat_share(toks, 1, self.ignore_words)
         elif self.word_repeats == "adjacent":
             stutters = sum(1 for a, b in zip(toks, toks[1:]) if a == b and b not in self.ignore_words)
             word_term = stutters / len(toks) if toks else 0.0
         else:
             word_term = 0.0
-        return -(word_term + _repeat_share(toks, self.n))
+        return -(word_term + repeat_share(toks, self.n))
 
     def __call__(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
         return torch.tensor([self.score(c) for c in captions], dtype=torch.float32)

@@ -32,13 +32,9 @@ from typing import Any, Sequence
 
 import torch
 
+from vlrm.dtypes import torch_dtype
+
 __all__ = ["ReferenceLMReward"]
-
-
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
-    if isinstance(dtype, str) and dtype != "auto":
-        return getattr(torch, dtype)
-    return dtype
 
 
 class ReferenceLMReward:
@@ -71,7 +67,7 @@ class ReferenceLMReward:
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer, Blip2ForConditionalGeneration
 
-        kwargs = {} if dtype is None else {"dtype": _dtype(dtype)}
+        kwargs = {} if dtype is None else {"dtype": dtype if dtype == "auto" else torch_dtype(dtype)}
         if lm_path is not None:
             lm = AutoModelForCausalLM.from_pretrained(str(lm_path), **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(str(lm_path))

@@ -70,6 +70,10 @@ def generate_split(split: str, n: int, seed: int = 0, image_size: int = 64, n_ca
     return pa.table(rows, schema=SCHEMA)
 
 
+# Rows per Parquet row group: a split is read one group at a time (vlrm.data.ParquetSplit).
+ROW_GROUP_ROWS = 1000
+
+
 def write_world(root: str | Path, seed: int = 0, image_size: int = 64, sizes: dict[str, int] | None = None) -> dict[str, Path]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -78,7 +82,7 @@ def write_world(root: str | Path, seed: int = 0, image_size: int = 64, sizes: di
     for split in ("train", "val", "test"):
         table = generate_split(split, sizes[split], seed=seed, image_size=image_size)
         paths[split] = root / f"{split}.parquet"
-        pq.write_table(table, paths[split])
+        pq.write_table(table, paths[split], row_group_size=ROW_GROUP_ROWS)
     meta = {"seed": seed, "image_size": image_size, "sizes": sizes, "format": WORLD_FORMAT}
     (root / "meta.json").write_text(json.dumps(meta, indent=2))
     return paths

@@ -1,19 +1,39 @@
-"""Unlabelled image datasets: Parquet files with an ``image`` column of encoded bytes (the
-shapes world writes these; any user can) or a folder of image files.
+"""Unlabelled image data: sources (``data.source``) and their splits, read lazily.
 
-Bad input never passes silently: a corrupt or missing image raises ``ImageDecodeError`` naming the
-file and row, and ``ImageDataset.decode_batch(..., skip_bad=True)`` skips such rows and counts them.
+A :class:`DataSource` names where a dataset's splits are and what it knows beyond the images:
+``prepare()`` runs once in the driver (the shapes world generates itself there), ``split(name)``
+opens one split, ``ground_truth(split, rows, captions)`` scores captions against what the source
+knows of the images (the shapes world's scenes; nothing for plain images). Built in:
+
+* ``parquet``: ``root/<split>.parquet``, tables with an ``image`` column of encoded bytes (and
+  any other columns);
+* ``folder``: ``root/<split>/``, a folder tree of image files;
+* ``shapes``: the generated shapes world (:mod:`shapes_world.source`);
+* any ``"pkg.module:Class"`` / ``"file.py:Class"`` taking the :class:`vlrm.config.DataConfig`.
+
+A split is read lazily, so its size does not set a process's memory: a folder split keeps only
+the file paths; a Parquet split reads the row groups that hold the requested rows and keeps the
+most recently used ones within ``data.cache_mb`` of encoded bytes.
+
+Bad input never passes silently: a corrupt or missing image raises :class:`ImageDecodeError`
+naming the file and row, and ``images(rows, skip_bad=True)`` skips such rows and reports them.
 """
 from __future__ import annotations
 
 import io
-import json
-from dataclasses import dataclass
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
+
+from vlrm.registry import resolve
+
+__all__ = ["ImageDecodeError", "DatasetError", "decode_image", "ImageSplit", "ParquetSplit", "FolderSplit",
+           "open_split", "split_path", "DataSource", "ParquetSource", "FolderSource", "SOURCES", "open_source",
+           "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -35,52 +55,36 @@ def decode_image(data: bytes, where: str) -> Image.Image:
         raise ImageDecodeError(f"cannot decode image at {where}: {e}") from e
 
 
-@dataclass
-class ImageDataset:
-    """Rows of (id, image bytes) plus optional ground truth (``scene``) for evaluation."""
+class ImageSplit:
+    """One split's rows: ``len()``, ``images(rows)``, ``column(name, rows)``; subclasses read the bytes."""
 
     source: str
-    table: pa.Table
-
-    @staticmethod
-    def open(path: str | Path) -> "ImageDataset":
-        path = Path(path)
-        if not path.exists():
-            raise DatasetError(f"dataset not found: {path}")
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
-            table = pa.table({"id": list(range(len(files))), "image": [p.read_bytes() for p in files],
-                              "path": [str(p) for p in files]})
-            return ImageDataset(str(path), table)
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DatasetError(f"cannot read Parquet file {path}: {e}") from e
-        if "image" not in table.column_names:
-            raise DatasetError(f"{path} has no 'image' column (columns: {table.column_names})")
-        if "id" not in table.column_names:
-            table = table.append_column("id", pa.array(range(table.num_rows), pa.int64()))
-        return ImageDataset(str(path), table)
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        raise NotImplementedError
 
     def where(self, row: int) -> str:
-        if "path" in self.table.column_names:
-            return f"{self.table.column('path')[row].as_py()} (row {row})"
         return f"{self.source} row {row}"
 
-    def image(self, row: int) -> Image.Image:
-        return decode_image(self.table.column("image")[row].as_py(), self.where(row))
+    def image_bytes(self, rows: Sequence[int]) -> list[bytes]:
+        raise NotImplementedError
 
-    def images(self, rows: list[int], skip_bad: bool = False) -> tuple[list[Image.Image], list[int], list[str]]:
+    def column(self, name: str, rows: Sequence[int] | None = None) -> list | None:
+        """Values of a metadata column for ``rows`` (all rows with None); None when there is none."""
+        return None
+
+    def image(self, row: int) -> Image.Image:
+        return self.images([row])[0][0]
+
+    def images(self, rows: Sequence[int], skip_bad: bool = False) -> tuple[list[Image.Image], list[int], list[str]]:
         """Decode rows. Returns (images, rows kept, errors); without ``skip_bad`` the first bad row raises."""
         out, kept, errors = [], [], []
-        for r in rows:
+        rows = [int(r) for r in rows]
+        for r, data in zip(rows, self._bytes_or_errors(rows)):
             try:
-                out.append(self.image(r))
+                if isinstance(data, Exception):
+                    raise ImageDecodeError(f"cannot read image at {self.where(r)}: {data}")
+                out.append(decode_image(data, self.where(r)))
                 kept.append(r)
             except ImageDecodeError as e:
                 if not skip_bad:
@@ -88,13 +92,101 @@ class ImageDataset:
                 errors.append(str(e))
         return out, kept, errors
 
-    def scenes(self) -> list[dict] | None:
-        if "scene" not in self.table.column_names:
-            return None
-        return [json.loads(s) for s in self.table.column("scene").to_pylist()]
+    def _bytes_or_errors(self, rows: list[int]) -> list[Any]:
+        return self.image_bytes(rows)
 
-    def column(self, name: str) -> list:
-        return self.table.column(name).to_pylist()
+
+class ParquetSplit(ImageSplit):
+    """A Parquet file with an ``image`` column, read by row group through a bounded cache."""
+
+    def __init__(self, path: str | Path, cache_mb: float = 256.0):
+        self.path = Path(path)
+        self.source = str(path)
+        try:
+            self._file = pq.ParquetFile(self.path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DatasetError(f"cannot read Parquet file {path}: {e}") from e
+        names = self._file.schema_arrow.names
+        if "image" not in names:
+            raise DatasetError(f"{path} has no 'image' column (columns: {names})")
+        self.columns = list(names)
+        meta = self._file.metadata
+        self._starts = [0]
+        for g in range(meta.num_row_groups):
+            self._starts.append(self._starts[-1] + meta.row_group(g).num_rows)
+        self._budget = int(cache_mb * 2**20)
+        self._cache: OrderedDict[int, pa.Array] = OrderedDict()
+        self._cached_bytes = 0
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} is out of range for {self.source} ({len(self)} rows)")
+        import bisect
+
+        g = bisect.bisect_right(self._starts, row) - 1
+        return g, row - self._starts[g]
+
+    def _group(self, g: int) -> pa.Array:
+        if g in self._cache:
+            self._cache.move_to_end(g)
+            return self._cache[g]
+        col = self._file.read_row_group(g, columns=["image"]).column("image").combine_chunks()
+        self._cache[g] = col
+        self._cached_bytes += col.nbytes
+        while self._cached_bytes > self._budget and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old.nbytes
+        return col
+
+    def image_bytes(self, rows: Sequence[int]) -> list[bytes]:
+        out = []
+        for r in rows:
+            g, i = self._locate(int(r))
+            out.append(self._group(g)[i].as_py())
+        return out
+
+    def column(self, name: str, rows: Sequence[int] | None = None) -> list | None:
+        if name not in self.columns:
+            return None
+        values = self._file.read(columns=[name]).column(name)
+        return values.to_pylist() if rows is None else values.take(pa.array(list(rows), pa.int64())).to_pylist()
+
+
+class FolderSplit(ImageSplit):
+    """A folder tree of image files; only the sorted paths are held."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.source = str(path)
+        self.paths = sorted(str(p) for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def where(self, row: int) -> str:
+        return f"{self.paths[row]} (row {row})"
+
+    def _bytes_or_errors(self, rows: list[int]) -> list[Any]:
+        out: list[Any] = []
+        for r in rows:
+            try:
+                out.append(Path(self.paths[r]).read_bytes())
+            except OSError as e:  # deleted or unreadable since the listing
+                out.append(e)
+        return out
+
+    def image_bytes(self, rows: Sequence[int]) -> list[bytes]:
+        return [Path(self.paths[int(r)]).read_bytes() for r in rows]
+
+    def column(self, name: str, rows: Sequence[int] | None = None) -> list | None:
+        if name != "path":
+            return None
+        return list(self.paths) if rows is None else [self.paths[int(r)] for r in rows]
 
 
 def split_path(root: str | Path, split: str) -> Path:
@@ -104,3 +196,69 @@ def split_path(root: str | Path, split: str) -> Path:
         if cand.exists():
             return cand
     raise DatasetError(f"split {split!r} not found under {root} (looked for {split}.parquet and {split}/)")
+
+
+def open_split(path: str | Path, cache_mb: float = 256.0) -> ImageSplit:
+    """A Parquet file or an image folder as a lazily read split."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"dataset not found: {path}")
+    return FolderSplit(path) if path.is_dir() else ParquetSplit(path, cache_mb)
+
+
+# --------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------
+
+
+class DataSource:
+    """Splits under ``data.root`` (``root/<split>.parquet`` or ``root/<split>/``). Subclasses add
+    ``prepare`` (driver-side, once) and ``ground_truth`` (what captions are scored against)."""
+
+    name = "files"
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.root = Path(cfg.root)
+
+    def prepare(self) -> None:
+        """Make the data ready (the driver calls this once before any role opens a split)."""
+
+    def split_location(self, split: str) -> Path:
+        return split_path(self.root, split)
+
+    def split(self, split: str) -> ImageSplit:
+        return open_split(self.split_location(split), self.cfg.cache_mb)
+
+    def ground_truth(self, split: ImageSplit, rows: Sequence[int], captions: Sequence[str]) -> dict:
+        """Scores of ``captions[i]`` against what the source knows of image ``rows[i]``; {} by default."""
+        return {}
+
+
+class ParquetSource(DataSource):
+    name = "parquet"
+
+    def split_location(self, split: str) -> Path:
+        path = self.root / f"{split}.parquet"
+        if not path.is_file():
+            raise DatasetError(f"data.source=parquet: split {split!r} not found: {path}")
+        return path
+
+
+class FolderSource(DataSource):
+    name = "folder"
+
+    def split_location(self, split: str) -> Path:
+        path = self.root / split
+        if not path.is_dir():
+            raise DatasetError(f"data.source=folder: split {split!r} not found: {path} is not a folder")
+        return path
+
+
+SOURCES = {"parquet": "vlrm.data:ParquetSource", "folder": "vlrm.data:FolderSource",
+           "shapes": "shapes_world.source:ShapesWorldSource"}
+
+
+def open_source(cfg: Any) -> DataSource:
+    """The source ``data.source`` names, built from the data config."""
+    return resolve(cfg.source, SOURCES, "data source")(cfg)

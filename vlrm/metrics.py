@@ -1,22 +1,17 @@
 """Caption metrics that need no model: retrieval recall from a similarity matrix, caption length,
-colour-word rate. Attribute precision/recall against ground truth live in ``shapes_world.parse``."""
+colour-word rate. Ground-truth scores come from the data source (``vlrm.data``)."""
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
+
+from vlrm.text import words
 
 COLOR_WORDS = frozenset({
     "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "grey", "pink",
     "brown", "violet", "cyan", "magenta", "gold", "silver", "beige", "teal", "navy", "maroon",
 })
-_WORD = re.compile(r"[a-z]+")
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
 
 def retrieval_recall(sim: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
     """Recall@k of queries against a gallery.

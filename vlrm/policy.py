@@ -38,11 +38,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from vlrm.config import PolicyConfig
+from vlrm.dtypes import torch_dtype
 from vlrm.value_head import ValueHead
 
-__all__ = ["CaptionPolicy", "PolicyForward", "Samples", "DTYPES"]
+__all__ = ["CaptionPolicy", "PolicyForward", "Samples"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 TRAINABLE_FILE = "trainable.safetensors"
 ADAPTER_DIR = "adapter"
@@ -161,9 +161,7 @@ class CaptionPolicy(nn.Module):
         """Load ``cfg.model_path`` (local directory or hub id) in ``cfg.dtype`` and wrap it."""
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-        if cfg.dtype not in DTYPES:
-            raise ValueError(f"policy.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
-        model = Blip2ForConditionalGeneration.from_pretrained(cfg.model_path, dtype=DTYPES[cfg.dtype])
+        model = Blip2ForConditionalGeneration.from_pretrained(cfg.model_path, dtype=torch_dtype(cfg.dtype))
         processor = Blip2Processor.from_pretrained(cfg.model_path)
         return cls(model, processor, cfg, **kwargs).to(device)
 
@@ -439,6 +437,25 @@ class CaptionPolicy(nn.Module):
             if p.shape != v.shape:
                 raise ValueError(f"{n}: shape {tuple(v.shape)} does not match the policy's {tuple(p.shape)}")
             p.copy_(v.to(p.device, p.dtype))
+
+    @torch.no_grad()
+    def hf_state_dict(self) -> dict[str, Tensor]:
+        """The trainable weights under plain ``Blip2ForConditionalGeneration`` names, with LoRA merged
+        into each projection it adapts (``base + scale * B @ A`` under the base weight's name): the
+        form an engine that holds the HF model (vLLM) loads. Loaded into the base model with
+        ``load_state_dict(strict=False)`` it captions as this policy does."""
+        out = dict(self.released_state_dict())
+        if self._peft is not None:
+            from peft.tuners.lora import LoraLayer
+
+            for name, module in self.model.named_modules():
+                if isinstance(module, LoraLayer):
+                    base = module.get_base_layer()
+                    delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                    out[f"{name}.weight"] = (base.weight + delta.to(base.weight.dtype)).contiguous()
+                    if getattr(base, "bias", None) is not None:
+                        out[f"{name}.bias"] = base.bias.detach()
+        return out
 
     def released_state_dict(self) -> dict[str, Tensor]:
         """The released-VLRM-style partial state dict: trainable BLIP-2 tensors (no LoRA, no value

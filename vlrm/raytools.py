@@ -1,8 +1,11 @@
-"""Small helpers every Ray role uses."""
+"""Small helpers every Ray role uses: where it runs, its peak memory, CPU pinning, its actor
+options, its dashboard metrics and its cache of recent results."""
 from __future__ import annotations
 
 import os
 import socket
+from collections import OrderedDict
+from typing import Any, Mapping
 
 
 def node_id() -> str:
@@ -58,3 +61,71 @@ def pin_to_cores(cores: list[int], key: str) -> list[int]:
         except ProcessLookupError:  # a thread that ended meanwhile
             pass
     return sorted(os.sched_getaffinity(0))
+
+
+def actor_options(section: Any, resources: Mapping[str, float] | None = None, **extra: Any) -> dict:
+    """``.options(...)`` of a role's actors from its config section (CPUs, GPUs, restarts, task
+    retries where the section has them) plus custom resources (e.g. ``{"rollout": 1}`` to land
+    on the cluster.yaml rollout nodes) and role-specific ``extra`` options."""
+    opts: dict[str, Any] = {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus}
+    for key in ("max_restarts", "max_task_retries"):
+        if hasattr(section, key):
+            opts[key] = getattr(section, key)
+    if resources:
+        opts["resources"] = dict(resources)
+    return opts | extra
+
+
+class RoleMetrics:
+    """``ray.util.metrics`` of one role, declared once: ``{name: (kind, description, extra)}`` with
+    kind ``counter``, ``gauge`` or ``histogram`` (extra: the histogram's boundaries, or extra tag
+    keys). Every metric is tagged with the role and actor; outside Ray every call is a no-op."""
+
+    def __init__(self, role: str, actor: str, spec: Mapping[str, tuple]):
+        self.tags = {"role": role, "actor": actor}
+        self._m: dict[str, Any] = {}
+        try:
+            import ray
+            from ray.util import metrics as m
+
+            if not ray.is_initialized():
+                return
+            for name, (kind, desc, *rest) in spec.items():
+                extra = rest[0] if rest else None
+                if kind == "histogram":
+                    self._m[name] = m.Histogram(name, desc, boundaries=list(extra), tag_keys=("role", "actor"))
+                else:
+                    keys = ("role", "actor") + tuple(extra or ())
+                    self._m[name] = (m.Counter if kind == "counter" else m.Gauge)(name, desc, tag_keys=keys)
+        except Exception:  # metrics are best effort: a missing exporter never stops a role
+            self._m = {}
+
+    def inc(self, name: str, value: float) -> None:
+        if name in self._m and value:  # Ray counters refuse 0
+            self._m[name].inc(value, tags=self.tags)
+
+    def set(self, name: str, value: float | None, **tags: str) -> None:
+        if name in self._m and value is not None:
+            self._m[name].set(float(value), tags=self.tags | tags)
+
+    def observe(self, name: str, value: float | None) -> None:
+        if name in self._m and value is not None:
+            self._m[name].observe(max(float(value), 0.0), tags=self.tags)
+
+
+class BatchCache:
+    """The last ``size`` results by batch id, so that a retried call returns what the first one did."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self._items: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, batch_id: str | None) -> Any:
+        return self._items.get(batch_id) if batch_id is not None else None
+
+    def put(self, batch_id: str | None, value: Any) -> None:
+        if batch_id is None:
+            return
+        self._items[batch_id] = value
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)

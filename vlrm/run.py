@@ -7,8 +7,6 @@
   that the curve continues without duplicate steps.
 - :func:`progress_line`: the one-line progress report (step, samples/s, reward and each
   component, plus any extra keys such as policy lag and queue depths).
-- :func:`evaluate_policy`: captions a split with ``policy.caption`` and scores them with
-  :func:`vlrm.evaluate.evaluate_captions` (ground truth when the split has a ``scene`` column).
 - :func:`plot_learning_curve`: reward components, val R@1 and caption length vs step (PNG).
 - Checkpoints: ``run/checkpoints/step_XXXXXX/`` = ``policy/`` (``CaptionPolicy.save_checkpoint``),
   ``optimizer.pt`` (the updater's state, read back with ``torch.load(weights_only=True)``),
@@ -38,7 +36,6 @@ __all__ = [
     "RunContext",
     "MetricsLogger",
     "progress_line",
-    "evaluate_policy",
     "plot_learning_curve",
     "read_metrics",
     "capture_rng_states",
@@ -287,42 +284,6 @@ def progress_line(step: int, total_steps: int | None, metrics: Mapping[str, Any]
 # --------------------------------------------------------------------------------------
 # Evaluation and plots
 # --------------------------------------------------------------------------------------
-
-
-def evaluate_policy(policy: Any, dataset_path: str | Path, evaluator: Any, subset: int | None = None, *,
-                    decoding: str = "greedy", num_beams: int = 5, no_repeat_ngram_size: int = 0,
-                    max_new_tokens: int = 40, batch_size: int = 32, num_examples: int = 5) -> dict:
-    """Caption the first ``subset`` images of a split (all with None) and score the captions.
-
-    Retrieval is caption -> image over the evaluated images (the gallery); undecodable images
-    are skipped and counted (``bad_images``). With a ``scene`` column the ground-truth
-    attribute precision/recall are included. Adds ``examples`` (the first ``num_examples``
-    captions with their row and, when the split has one, the ``description``), ``decoding`` and
-    ``split`` (the dataset path).
-    """
-    from vlrm.data import ImageDataset
-    from vlrm.evaluate import evaluate_captions
-
-    ds = ImageDataset.open(dataset_path)
-    n = len(ds) if subset is None else min(int(subset), len(ds))
-    rows = list(range(n))
-    captions: list[str] = []
-    images, kept, errors = ds.images(rows, skip_bad=True)
-    if not images:
-        raise ValueError(f"no decodable image among the first {n} rows of {dataset_path}")
-    for i in range(0, len(images), batch_size):
-        pixels = policy.preprocess(images[i:i + batch_size])
-        captions += policy.caption(pixels, decoding=decoding, num_beams=num_beams,
-                                   no_repeat_ngram_size=no_repeat_ngram_size, max_new_tokens=max_new_tokens)
-    scenes = ds.scenes()
-    scenes = [scenes[r] for r in kept] if scenes is not None else None
-    out = evaluate_captions(captions, images, evaluator, scenes=scenes)
-    desc = ds.column("description") if "description" in ds.table.column_names else None
-    out["examples"] = [{"row": r, "caption": c} | ({"description": desc[r]} if desc else {})
-                       for r, c in list(zip(kept, captions))[:num_examples]]
-    out.update(bad_images=len(errors), decoding=decoding if decoding == "greedy" else f"beam{num_beams}",
-               split=str(dataset_path))
-    return out
 
 
 def plot_learning_curve(metrics_jsonl: str | Path, png: str | Path, title: str | None = None) -> Path:

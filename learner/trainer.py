@@ -1,0 +1,159 @@
+"""The run lifecycle, written once for every mode.
+
+:func:`run_training` does what every run does: resume, the run folder, the data source's
+preparation, evaluation before and after, the step loop's logging, validation and checkpoint
+cadence, ``summary.json``, the learning curve, the exported policy and ``output_dir/latest``.
+Modes differ only in the **engine** that produces training steps (the model of OpenRLHF's
+trainer / RLlib's ``training_step``):
+
+* ``local``: :class:`actors.local.LocalEngine`, the roles in one process, one after another;
+* ``sync`` / ``async``: :class:`actors.driver.DistributedEngine`, the roles as Ray actors.
+
+An engine is built as ``Engine(cfg, ctx, **options)`` and has ``start(checkpoint) -> resume
+state``, ``evaluate(split, subset)``, ``train(sampler, step, train_seconds, after_step, stop)``,
+``save_checkpoint(sampler_state, extra)``, ``export(path)``, ``report(steps, final_step,
+train_seconds)`` and ``close()``; ``after_step(stats, step, dt, train_seconds, extra_metrics)``
+is this module's, so every mode logs the same keys.
+
+Run folder (``output_dir/run_name``; ``output_dir/latest`` points at the newest): ``config.yaml``
+(resolved), ``metrics.jsonl`` + TensorBoard events, ``eval.json`` (``before`` / ``after``),
+``summary.json`` (the same keys in every mode), ``learning_curve.png``, ``checkpoints/`` and the
+exported Hugging Face ``policy/``; the Ray engine adds ``accounting.json``.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from vlrm.config import RunConfig
+from vlrm.data import open_source
+from vlrm.evaluate import write_json
+from vlrm.run import MetricsLogger, RunContext, plot_learning_curve, progress_line, resolve_resume
+from vlrm.sampler import ImageSampler
+
+__all__ = ["run_training", "SUMMARY_KEYS"]
+
+SUMMARY_KEYS = ("mode", "steps", "train_seconds", "policy_version", "samples", "consumed", "dropped",
+                "bad_images", "samples_per_s", "rollout_actors", "reward_actors", "accounting_holds")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _numbers(prefix: str, d: dict) -> dict:
+    return {f"{prefix}{k}": v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_training(cfg: RunConfig, engine_cls: Callable[..., Any], resume: str | Path | None = None,
+                 **engine_options: Any) -> Path:
+    """Train ``cfg`` with the engine of its mode; returns the run folder.
+
+    ``resume``: a run folder (its newest checkpoint) or a checkpoint folder; the run continues in
+    that folder (same ``metrics.jsonl``, records after the checkpoint's step dropped) up to
+    ``cfg.total_steps``. ``engine_options`` go to the engine (the Ray engine takes ``resources``
+    and an ``on_step(engine, step, stats)`` callback).
+    """
+    run_path, ckpt = resolve_resume(resume) if resume is not None else (None, None)
+    ctx = RunContext.create(cfg, existing=run_path)
+    cfg = ctx.cfg
+    _seed_everything(cfg.seed)
+    source = open_source(cfg.data)
+    source.prepare()
+    num_rows = len(source.split(cfg.data.train_split))
+    sampler = ImageSampler(num_rows, cfg.rollout.images_per_batch, seed=cfg.seed)
+    engine = engine_cls(cfg, ctx, **engine_options)
+    logger = None
+    try:
+        cfg = engine.cfg
+        state = engine.start(ckpt)
+        step, train_seconds, before = 0, 0.0, None
+        if ckpt is not None:
+            step = int(state.get("step", 0))
+            if state.get("sampler"):
+                sampler.load_state_dict(state["sampler"])
+            extra = state.get("extra") or {}
+            train_seconds = float(extra.get("train_seconds", 0.0))
+            before = extra.get("before")
+            print(f"[vlrm] resumed at step {step} ({sampler})", flush=True)
+        logger = MetricsLogger(ctx.dir, resume_step=step if ckpt is not None else None)
+        ev, lc = cfg.eval, cfg.learner
+        start_step, samples = step, 0
+        saved_at = step if ckpt is not None else -1
+        last_print = [0.0]
+
+        def validate() -> dict:
+            return _numbers("val/", engine.evaluate(cfg.data.val_split, ev.val_subset))
+
+        def checkpoint(at_step: int, seconds: float) -> None:
+            nonlocal saved_at
+            engine.save_checkpoint(sampler.state_dict(), {"train_seconds": seconds, "before": before,
+                                                          "run_name": cfg.run_name, "mode": cfg.mode})
+            saved_at = at_step
+
+        def after_step(stats: dict, at: int, dt: float, seconds: float, extra: dict) -> None:
+            nonlocal samples
+            rows = int(stats.get("consumed", 0)) + int(stats.get("dropped_for_lag", 0))
+            samples += rows
+            m: dict[str, Any] = {"reward": stats.get("reward")}
+            m |= {k: v for k, v in stats.items() if k.startswith("r/")}
+            m |= _numbers("learner/", {k: v for k, v in stats.items() if not k.startswith("r/")
+                                       and k not in ("reward", "step")})
+            m |= {"samples_per_s": rows / max(dt, 1e-9), "samples": samples, "caption_words": stats.get("caption_words"),
+                  "policy_version": stats.get("version"), "policy_lag": stats.get("received_lag_mean", 0.0),
+                  "policy_lag_max": stats.get("received_lag_max", 0.0), "time/step_s": dt, "time/train_s": seconds,
+                  "data/epoch": sampler.epoch, "data/offset": sampler.offset} | extra
+            if ev.val_every > 0 and at % ev.val_every == 0:
+                m |= validate()
+            if at % lc.log_every == 0 or "val/clip_recall@1" in m or at == cfg.total_steps:
+                logger.log(at, m)
+            now = time.perf_counter()
+            if now - last_print[0] >= lc.print_every_s or "val/clip_recall@1" in m or at == cfg.total_steps:
+                last_print[0] = now
+                print(progress_line(at, cfg.total_steps, m, extra_keys=("learner/loss", "caption_words", "policy_lag")),
+                      flush=True)
+            if lc.checkpoint_every and at % lc.checkpoint_every == 0:
+                checkpoint(at, seconds)
+
+        def stop(at: int, seconds: float) -> bool:
+            return at >= cfg.total_steps or (cfg.time_budget_s is not None and seconds >= cfg.time_budget_s)
+
+        if before is None:
+            t0 = time.perf_counter()
+            before = engine.evaluate(ev.split, ev.gallery_size)
+            write_json({"before": before}, ctx.eval_path)
+            print(f"[vlrm] before: {ev.split} R@1 {before['clip_recall@1']:.3f}, {before['mean_words']:.1f} "
+                  f"words/caption ({before['gallery_size']} images, {time.perf_counter() - t0:.1f}s)", flush=True)
+            if ev.val_every > 0:
+                logger.log(0, validate())
+
+        step, train_seconds = engine.train(sampler, step, train_seconds, after_step, stop)
+        if saved_at != step:
+            checkpoint(step, train_seconds)
+        logger.close()
+        after = engine.evaluate(ev.split, ev.gallery_size)
+        write_json({"before": before, "after": after}, ctx.eval_path)
+        acc = engine.acc
+        summary = {"mode": cfg.mode, "steps": step, "train_seconds": train_seconds, "samples": samples,
+                   "consumed": acc.consumed, "dropped": acc.dropped_for_lag, "bad_images": acc.bad_images,
+                   "samples_per_s": samples / max(train_seconds, 1e-9), "rollout_actors": cfg.rollout.num_actors,
+                   "reward_actors": cfg.reward.num_actors, "accounting_holds": acc.identity_holds}
+        summary |= engine.report(step - start_step, step, train_seconds)
+        write_json(summary, ctx.dir / "summary.json")
+        plot_learning_curve(ctx.metrics_path, ctx.curve_path, title=f"{cfg.run_name} ({cfg.mode})")
+        engine.export(str((ctx.dir / "policy").resolve()))
+        print(f"[vlrm] done: {step} steps in {train_seconds:.0f}s ({summary['samples_per_s']:.1f} samples/s); "
+              f"{ev.split} R@1 {before['clip_recall@1']:.3f} -> {after['clip_recall@1']:.3f}, words "
+              f"{before['mean_words']:.1f} -> {after['mean_words']:.1f}; {ctx.dir}", flush=True)
+        return ctx.dir
+    finally:
+        if logger is not None:
+            logger.close()
+        engine.close()
