@@ -103,6 +103,7 @@ class DistributedEngine:
         self.batch_counter = 0
         self.generating: dict[int, str] = {}  # rollout actor -> batch_id in flight (async mode)
         self.dead: set[int] = set()  # rollout actors given up on (restarts exhausted)
+        self.batch_origin: dict[str, str] = {}  # batch_id -> incarnation of the rollout actor that made it
         self._pending_acks: dict[Any, tuple[int, float]] = {}
         self._score_rr = 0
         self._t_start = time.perf_counter()
@@ -264,6 +265,8 @@ class DistributedEngine:
 
     def _seen(self, meta: Mapping[str, Any]) -> None:
         aid = meta.get("actor_id")
+        if meta.get("batch_id") and str(aid).startswith("rollout"):
+            self.batch_origin[meta["batch_id"]] = meta.get("incarnation")
         if aid and meta.get("incarnation"):
             self.incarnations.setdefault(aid, set()).add(meta["incarnation"])
             self.nodes[aid] = meta.get("node_id", self.nodes.get(aid))

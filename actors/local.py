@@ -75,7 +75,7 @@ class LocalEngine:
             t_step = time.perf_counter()
             rows = sampler.next_batch()
             self.batch_counter += 1
-            batch_id = f"{self.cfg.run_name}-b{self.batch_counter:07d}"
+            batch_id = f"b{self.batch_counter:07d}"  # the sampling seed: the same in a resumed run
             t0 = time.perf_counter()
             batch, meta = self.rollout.generate(rows, batch_id)
             t_sample = time.perf_counter() - t0

@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vlrm.config import LearnerConfig, PolicyConfig, RewardConfig
-from vlrm.data import DatasetError, ImageDataset, split_path
+from vlrm.config import LearnerConfig, PolicyConfig, RewardConfig, from_dict
+from vlrm.data import DatasetError, open_split, split_path
 from vlrm.policy import CaptionPolicy
 from vlrm.schema import RolloutTensors
 from learner.update import A2CUpdater
@@ -89,9 +89,9 @@ def bench_images(data: str, n: int) -> tuple[list, list[str]]:
     from shapes_world.world import full_description, render, sample_scene
 
     try:
-        ds = ImageDataset.open(split_path(data, "val"))
+        ds = open_split(split_path(data, "val"))
         images, _, _ = ds.images(list(range(n)))
-        return images, ds.column("description")[:n]
+        return images, ds.column("description", list(range(n)))
     except (DatasetError, KeyError):
         pass
     rng = np.random.default_rng(0)
@@ -182,20 +182,21 @@ def main() -> None:
     captions = samples.texts if decoded >= 0.5 else [d for d in descriptions for _ in range(a.k)]
     source = "sampled captions" if decoded >= 0.5 else "scene descriptions"
     reward_images = [images[i] for i in range(a.images) for _ in range(a.k)]
-    terms = {"clip": 1.0, "itm": 1.0 if a.itm else 0.0, "ref": 1.0 if a.ref else 0.0, "bad": 0.0, "repeat": 0.0}
-    cfg = RewardConfig(clip_path=a.clip, itm_path=a.itm or "", dtype=a.reward_dtype, weights=terms)
+    cfg = from_dict({"reward": {"dtype": a.reward_dtype, "components": {
+        "clip": {"weight": 1.0, "path": a.clip}, "itm": {"weight": 1.0 if a.itm else 0.0, "path": a.itm or ""},
+        "ref": {"weight": 1.0 if a.ref else 0.0}, "bad": {"weight": 0.0}, "repeat": {"weight": 0.0}}}}).reward
     t0 = time.perf_counter()
     reward = build_reward(cfg, a.model, device=str(device))
     load_s += time.perf_counter() - t0
 
-    import rewards.clip_reward as clip_module
+    import vlrm.clip as clip_module
 
     clip = reward.components["clip"]
 
     def score_clip():
         return clip(reward_images, captions)
 
-    trimmed = clip_module.encode_text  # the module-level function ClipReward calls
+    trimmed = clip_module.encode_text  # the module-level function ClipModel calls
 
     def score_clip_full():
         clip_module.encode_text = lambda model, text: model.encode_text(text, normalize=True)

@@ -1,7 +1,7 @@
 """Benchmark of the Ray actor-learner system on the shapes world, in one run (prints one table).
 
 - samples/s of ``async`` vs ``sync`` mode with the same actors (``--rollout-actors`` rollout, ``--reward-actors``
-  reward, 1 learner) over the same ``--steps`` learner steps (``run_distributed``; periodic validation off,
+  reward, 1 learner) over the same ``--steps`` learner steps (the Ray engine; periodic validation off,
   a tiny before/after evaluation gallery, no intermediate checkpoints);
 - each stage alone, with the same batch sizes: generation (rollout actors), scoring (one reward actor),
   the learner update (one batch of ``images x k`` samples per step, the updates queued back to back,
@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from actors.system import summarize  # noqa: E402
+from vlrm.accounting import summarize  # noqa: E402
 from vlrm.config import RunConfig, load_config, resolve  # noqa: E402
 
 
@@ -122,8 +122,7 @@ class Stages:
         from actors.rollout import RolloutActor, rollout_actor_options
         from learner.actor import LearnerActor, learner_actor_options
         from rewards.actor import RewardActor, reward_actor_options
-        from vlrm.data import split_path
-        from actors.system import _num_rows
+        from vlrm.data import open_source
 
         self.cfg = cfg
         lcfg = resolve(cfg)
@@ -139,7 +138,7 @@ class Stages:
         self.rollout_pids = [int(i["pid"]) for i in infos[:max_actors]]
         self.reward_pid, self.learner_pid = int(infos[-2]["pid"]), int(infos[-1]["pid"])
         self.rng = np.random.default_rng(0)
-        self.num_rows = _num_rows(split_path(cfg.data.root, cfg.data.train_split))
+        self.num_rows = len(open_source(cfg.data).split(cfg.data.train_split))
         self.counter = 0
         warm = [self._gen(a) for a in self.rollouts]  # warm-up: one batch per actor
         ray.get([m for _, m in warm])
@@ -252,9 +251,10 @@ def pinned_overrides() -> tuple[str, ...]:
 
 
 def run_system(a: argparse.Namespace, mode: str, rollout_actors: int, out: Path, extra: tuple[str, ...] = ()) -> dict:
-    """One ``run_distributed`` run; its numbers from ``summary.json``, ``accounting.json`` and
+    """One Ray run; its numbers from ``summary.json``, ``accounting.json`` and
     ``metrics.jsonl``. ``extra``: config overrides of this run only."""
-    from actors.system import run_distributed
+    import launch
+    from learner.trainer import run_training
 
     name = f"bench-{mode}-{rollout_actors}r{'-pinned' if extra else ''}-{time.strftime('%H%M%S')}"
     cfg = make_config(a, mode, rollout_actors, name, out, extra)
@@ -262,7 +262,7 @@ def run_system(a: argparse.Namespace, mode: str, rollout_actors: int, out: Path,
     t0 = time.perf_counter()
     try:
         with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            run = run_distributed(cfg)
+            run = run_training(cfg, launch.load_target(launch.ENGINES[cfg.mode]))
     except BaseException:
         print(f"[bench] {mode} run with {rollout_actors} rollout actors failed; its log ({log}) ends with:\n"
               + "\n".join(log.read_text().splitlines()[-30:]), file=sys.stderr, flush=True)
@@ -345,7 +345,7 @@ def main(argv=None) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=base.cluster.namespace, log_to_driver=False)
     t_start = time.perf_counter()
     try:
-        from actors.system import localize_paths
+        from actors.cluster import localize_paths
 
         base = localize_paths(base)
         # ---- stages alone

@@ -1,4 +1,5 @@
-"""The single-process loop, the run machinery and the A2C updater, on tiny random models.
+"""The single-process engine under the run lifecycle, the run machinery and the A2C updater, on
+tiny random models.
 
 Runs are a few steps of 2 images x 2 captions of <= 6 tokens; the whole file stays well under a
 minute and a half on 2 cores.
@@ -13,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from learner.loop import run_local
+from actors.local import LocalEngine
+from learner.trainer import SUMMARY_KEYS, run_training
 from learner.algorithms import kl_penalty, rloo_baseline
-from learner.update import A2CUpdater, frozen_reference, group_loo_advantages, unique_rows
+from learner.update import A2CUpdater, frozen_reference, group_loo_advantages
 from vlrm.config import LearnerConfig, PolicyConfig, from_dict, load_config
 from vlrm.policy import CaptionPolicy
 from vlrm.run import (
@@ -36,8 +38,8 @@ def _cfg(world, captioner, clip, out, name, steps, **over):
         "data": {"root": str(world), "num_train": 64, "num_val": 32, "num_test": 32, "seed": 0, "image_size": 64},
         "policy": {"model_path": str(captioner), "value_head_hidden": 16},
         "rollout": {"images_per_batch": 2, "samples_per_image": 2, "max_new_tokens": 6},
-        "reward": {"clip_path": str(clip), "weights": {"clip": 1.0, "itm": 0.0, "ref": 0.0, "bad": 1.0, "repeat": 1.0,
-                                                        "length": 0.0}},
+        "reward": {"components": {"clip": {"weight": 1.0, "path": str(clip)}, "itm": {"weight": 0.0},
+                                  "bad": {"weight": 1.0}, "repeat": {"weight": 1.0}}},
         "learner": {"lr": 1e-3, "checkpoint_every": 2, "grad_clip": 1.0},
         "eval": {"evaluator_path": str(clip), "val_every": 2, "val_subset": 8, "gallery_size": 8, "max_new_tokens": 6},
     }
@@ -50,6 +52,10 @@ def _cfg(world, captioner, clip, out, name, steps, **over):
 @pytest.fixture(scope="module")
 def paths(tiny_world, tiny_captioner_dir, tiny_clip_dir):
     return tiny_world, tiny_captioner_dir, tiny_clip_dir
+
+
+def run_local(cfg, resume=None):
+    return run_training(cfg, LocalEngine, resume=resume)
 
 
 def _trainable(run):
@@ -108,7 +114,8 @@ def test_run_local_writes_everything(paths, tmp_path):
     # bad training images are skipped and counted, never trained on
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["bad_images"] > 0
-    assert summary["samples"] == 2 * summary["images"] == 2 * sum(len(r["image_rows"]) for r in recs[1:])
+    assert set(summary) == set(SUMMARY_KEYS) and summary["mode"] == "local" and summary["accounting_holds"]
+    assert summary["samples"] == summary["consumed"] == 2 * sum(len(r["image_rows"]) for r in recs[1:])
     assert all(row % 2 == 1 for r in recs[1:] for row in r["image_rows"])
     assert recs[-1]["bad_images"] == summary["bad_images"]
 
@@ -121,13 +128,13 @@ def test_resume_continues_exactly(paths, tmp_path):
     world, cap, clip = paths
     straight = run_local(_cfg(world, cap, clip, tmp_path, "straight", 4, eval__val_every=0))
     save_config(_cfg(world, cap, clip, tmp_path, "part", 2, eval__val_every=0), tmp_path / "part.yaml")
-    part = launch.main(["--config", str(tmp_path / "part.yaml")])
+    part = launch.train(["--config", str(tmp_path / "part.yaml")])
     assert latest_checkpoint(part).name == "step_000002"
     # simulate a kill after step 3 was logged but before its checkpoint: the resumed run must
     # drop that record rather than duplicate step 3
     with open(part / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "reward": 123.0}) + "\n")
-    resumed = launch.main(["--resume", str(part), "--total_steps=4"])  # base config: the run's own
+    resumed = launch.train(["--resume", str(part), "--total_steps=4"])  # base config: the run's own
     assert resumed == part and load_config(part / "config.yaml").total_steps == 4
 
     a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(part / "metrics.jsonl")
@@ -153,21 +160,29 @@ def test_resume_continues_exactly(paths, tmp_path):
     assert any(not torch.equal(first[k], last[k]) for k in first)
     ev = json.loads((part / "eval.json").read_text())
     assert set(ev) == {"before", "after"}
-    assert ev["before"] == json.loads((straight / "eval.json").read_text())["before"]
+    timeless = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731
+    assert timeless(ev["before"]) == timeless(json.loads((straight / "eval.json").read_text())["before"])
     assert resolve_resume(tmp_path / "latest")[0] == part.resolve()
 
 
-def test_launch_errors(tmp_path, monkeypatch, capsys):
-    import sys
-
+def test_vlrm_exit_status(paths, tmp_path, capsys):
+    """0 after a successful run, 2 on a usage or configuration error (one line naming what was
+    wrong), 1 with a one-line reason on a failure."""
     import launch
+    from vlrm.config import save_config
 
-    with pytest.raises(SystemExit) as e:
-        launch.main(["--resume", str(tmp_path / "nope")])
-    assert e.value.code == 2 and "nope" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "actors.system", None)  # the Ray system is not there
-    with pytest.raises(SystemExit, match="run_distributed"):
-        launch.main(["--mode=async"])
+    assert launch.main(["--resume", str(tmp_path / "nope")]) == 2 and "unknown command" in capsys.readouterr().err
+    assert launch.main(["train", "--resume", str(tmp_path / "nope")]) == 2 and "nope" in capsys.readouterr().err
+    assert launch.main(["train", "--rollout.num_actor=3"]) == 2
+    assert "did you mean 'rollout.num_actors'" in capsys.readouterr().err
+    assert launch.main(["train", "--help"]) == 0 and "--reward.components.clip.path" in capsys.readouterr().out
+    world, cap, clip = paths
+    save_config(_cfg(world, cap, clip, tmp_path, "ok", 1, eval__val_every=0), tmp_path / "ok.yaml")
+    assert launch.main(["train", "--config", str(tmp_path / "ok.yaml")]) == 0
+    assert (tmp_path / "ok" / "summary.json").is_file()
+    assert launch.main(["train", "--config", str(tmp_path / "ok.yaml"), "--policy.model_path", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vlrm train: failed: ")
 
 
 # ------------------------------------------------------------------------------- the updater
@@ -349,8 +364,10 @@ def test_loo_helpers():
     # a singleton group falls back to the mean of the rest of the batch
     adv = group_loo_advantages(torch.tensor([1.0, 3.0, 8.0]), torch.tensor([0, 0, 1]))
     assert torch.allclose(adv, torch.tensor([-2.0, 2.0, 6.0]))
-    rows, idx = unique_rows(torch.tensor([7, 7, 3, 3, 7]))
-    assert rows == [7, 3] and idx.tolist() == [0, 0, 1, 1, 0]
+    from vlrm.images import unique_index
+
+    rows, idx = unique_index([7, 7, 3, 3, 7])
+    assert rows == [7, 3] and idx == [0, 0, 1, 1, 0]
 
 
 # ------------------------------------------------------------------------------- pieces

@@ -26,6 +26,13 @@ from vlrm.config import from_dict
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_distributed(cfg, resume=None, **options):
+    from actors.driver import DistributedEngine
+    from learner.trainer import run_training
+
+    return run_training(cfg, DistributedEngine, resume=resume, **options)
+
+
 def _cfg(paths, out, name, steps, mode="async", **over):
     world, cap, clip, itm = paths
     d = {
@@ -34,8 +41,9 @@ def _cfg(paths, out, name, steps, mode="async", **over):
         "policy": {"model_path": str(cap), "value_head_hidden": 16},
         "rollout": {"num_actors": 2, "num_cpus": 0.5, "images_per_batch": 2, "samples_per_image": 2,
                     "max_new_tokens": 6},
-        "reward": {"num_actors": 1, "num_cpus": 0.5, "clip_path": str(clip), "itm_path": str(itm), "batch_wait_s": 0.05,
-                   "weights": {"clip": 1.0, "itm": 0.5, "ref": 0.0, "bad": 1.0, "repeat": 1.0, "length": 0.0}},
+        "reward": {"num_actors": 1, "num_cpus": 0.5, "batch_wait_s": 0.05, "components": {
+            "clip": {"weight": 1.0, "path": str(clip)}, "itm": {"weight": 0.5, "path": str(itm)},
+            "bad": {"weight": 1.0}, "repeat": {"weight": 1.0}}},
         "learner": {"lr": 1e-3, "checkpoint_every": 0, "num_cpus": 0.5, "queue_size": 4, "max_policy_lag": 2},
         "eval": {"evaluator_path": str(clip), "val_every": 2, "val_subset": 4, "gallery_size": 4, "max_new_tokens": 6},
         "cluster": {"include_dashboard": False},
@@ -154,20 +162,15 @@ def test_actors_generate_score_update_and_push(paths, tmp_path, ray_local):
 def test_reward_nan_names_rollout_ids(paths, tmp_path):
     """A NaN from a reward component raises an error naming the rollout id (never dropped)."""
     from rewards.actor import RewardNaNError, RewardWorker
-    from rewards.combine import register_reward
+    from vlrm.config import PluginComponent
     from vlrm.schema import make_rollout_batch
 
-    class NanAt1:
-        name = "nan1"
-
-        def __call__(self, images, captions):
-            out = torch.zeros(len(captions))
-            out[1] = float("nan")
-            return out
-
-    register_reward("nan1", lambda cfg, cap, dev: NanAt1(), overwrite=True)
+    (tmp_path / "nan_reward.py").write_text(
+        "import torch\n\ndef factory():\n    def nan_at_1(images, captions):\n        out = torch.zeros(len(captions))\n"
+        "        out[1] = float('nan')\n        return out\n    return nan_at_1\n")
     cfg = _cfg(paths, tmp_path, "nan", 1)
-    cfg.reward.weights = {"nan1": 1.0, "bad": 1.0}
+    cfg.reward.components = {"nan1": PluginComponent(target=f"{tmp_path / 'nan_reward.py'}:factory"),
+                             "bad": cfg.reward.components["bad"]}
     w = RewardWorker(cfg, "reward-x")
     batch = make_rollout_batch(batch_id="bad-batch", actor_id="r", policy_version=0, image_rows=[0, 1],
                                sample_index=[0, 0], texts=["a red circle", "a blue square"], tokens=[[5], [6]],
@@ -179,12 +182,12 @@ def test_reward_nan_names_rollout_ids(paths, tmp_path):
 
 def _scored_batch(cfg, batch_id: str, n_images: int = 3, k: int = 2):
     """A scored rollout batch of dataset rows 0..n_images-1, sampled by the base policy."""
-    from vlrm.data import ImageDataset, split_path
+    from vlrm.data import open_source
     from vlrm.policy import CaptionPolicy
     from vlrm.schema import make_rollout_batch, with_rewards
 
     policy = CaptionPolicy.from_config(cfg.policy)
-    images, _, _ = ImageDataset.open(split_path(cfg.data.root, cfg.data.train_split)).images(list(range(n_images)))
+    images, _, _ = open_source(cfg.data).split(cfg.data.train_split).images(list(range(n_images)))
     s = policy.sample(policy.preprocess(images), k, max_new_tokens=6, seed=0)
     n = s.lengths.tolist()
     batch = make_rollout_batch(batch_id=batch_id, actor_id="test", policy_version=0,
@@ -253,7 +256,6 @@ def test_data_parallel_learner_takes_the_step_of_one_learner(paths, tmp_path, ra
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_run_distributed(paths, tmp_path, ray_local, mode):
-    from actors.system import run_distributed
     from vlrm.run import read_metrics
 
     run = run_distributed(_cfg(paths, tmp_path, mode, 4, mode=mode))
@@ -298,10 +300,37 @@ def test_run_distributed(paths, tmp_path, ray_local, mode):
         assert acc["steps"] == 2 and acc["final_step"] == 6
 
 
+def test_reward_plugin_from_a_file_runs_in_the_ray_reward_actors(paths, tmp_path, ray_local):
+    """A reward defined in a file outside the project's packages, named in the config by path, is
+    imported by every Ray reward actor itself: it is logged on its own and enters the total."""
+    from vlrm.run import read_metrics
+
+    plugin = tmp_path / "elsewhere" / "brevity.py"
+    plugin.parent.mkdir()
+    plugin.write_text(
+        "import torch\n\n"
+        "def factory(target_words=3, device='cpu'):\n"
+        "    def brevity(images, captions):\n"
+        "        return torch.tensor([-abs(len(c.split()) - target_words) for c in captions], dtype=torch.float32)\n"
+        "    return brevity\n")
+    cfg = _cfg(paths, tmp_path, "plugin", 3, mode="async")
+    cfg.eval.val_every = 0
+    cfg = from_dict(json.loads(json.dumps(__import__("dataclasses").asdict(cfg))) | {"reward": json.loads(json.dumps(
+        __import__("dataclasses").asdict(cfg.reward))) | {"components": {
+            "clip": {"weight": 0.0}, "itm": {"weight": 0.0}, "bad": {"weight": 0.0}, "repeat": {"weight": 0.0},
+            "brevity": {"target": f"{plugin}:factory", "weight": 2.0, "target_words": 4}}}})
+    run = run_distributed(cfg)
+    recs = read_metrics(run / "metrics.jsonl")
+    assert len(recs) == 3 and all("r/brevity" in r for r in recs)
+    for r in recs:  # the only weighted component: total = 2 x brevity, a value <= 0
+        assert r["reward"] == pytest.approx(2.0 * r["r/brevity"], abs=1e-5) and r["r/brevity"] <= 0
+    assert not any(k in recs[-1] for k in ("r/clip", "r/itm"))
+    _check_accounting(run)
+
+
 def test_async_run_with_two_learner_ranks(paths, tmp_path, ray_local):
     """The whole system with a data-parallel learner: prefetched updates reach both ranks in order,
     every rollout is accounted for, and the run resumes from rank 0's checkpoint."""
-    from actors.system import run_distributed
     from vlrm.run import read_metrics
 
     cfg = _cfg(paths, tmp_path, "dp_run", 4, learner__data_parallel_workers=2, learner__checkpoint_every=2)
@@ -324,7 +353,6 @@ def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(paths, tmp_path, 
     import threading
 
     ray = ray_local
-    from actors.system import run_distributed
 
     killed: dict = {}
     done = threading.Event()
@@ -428,7 +456,7 @@ def test_two_node_cluster(paths, tmp_path):
     to the worker node and the reward actor and learner to the head."""
     import tempfile
 
-    from actors.system import ACCOUNTING_FILE
+    from actors.driver import ACCOUNTING_FILE
     from vlrm.config import save_config
 
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -501,7 +529,7 @@ def test_cluster_yaml_validates_with_ray():
 
 
 def test_roles_are_pinned_to_their_node_types():
-    from actors.system import _role_resources
+    from actors.cluster import role_resources as _role_resources
 
     cfg = from_dict({})
     cluster = {"CPU": 32.0, "GPU": 3.0, "rollout": 2.0, "reward": 1.0}
@@ -511,7 +539,7 @@ def test_roles_are_pinned_to_their_node_types():
 
 
 def test_peak_memory_is_the_high_water_mark_per_role():
-    from actors.system import peak_memory
+    from vlrm.accounting import peak_memory
     from vlrm.raytools import peak_memory_mb
 
     import psutil
