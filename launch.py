@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from vlrm.config import ConfigError, format_help, load_config, parse_cli, split_cli
+from vlrm.config import ConfigError, format_help, load_config, parse_cli, peel_option, split_cli
 from vlrm.registry import PluginError, load_target
 
 __all__ = ["main", "train", "peel_resume", "ENGINES"]
@@ -32,28 +32,7 @@ ENGINES = {"local": "actors.local:LocalEngine", "sync": "actors.driver:Distribut
 
 def peel_resume(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     """``(--resume value or None, the other arguments)``."""
-    rest: list[str] = []
-    resume: str | None = None
-    argv = list(argv)
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--resume" or a.startswith("--resume="):
-            if a == "--resume":
-                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                    raise ConfigError("--resume needs a run folder or checkpoint: --resume runs/latest",
-                                      source="command line")
-                val = argv[i + 1]
-                i += 1
-            else:
-                val = a.split("=", 1)[1]
-            if resume is not None:
-                raise ConfigError(f"--resume given twice ({resume!r} and {val!r})", source="command line")
-            resume = val
-        else:
-            rest.append(a)
-        i += 1
-    return resume, rest
+    return peel_option(argv, "resume", "runs/latest")
 
 
 def train(argv: Sequence[str], **engine_options) -> Path:

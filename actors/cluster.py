@@ -101,7 +101,7 @@ def role_resources(cfg: RunConfig, role: str, overrides: Mapping[str, Mapping[st
                     cluster: Mapping[str, float] | None = None) -> dict | None:
     """Custom Ray resources a role's actors ask for (one actor: these amounts).
 
-    In order: ``overrides[role]`` (``run_distributed(resources=...)``); ``cfg.<role>.resources``
+    In order: ``overrides[role]`` (the engine's ``resources=``); ``cfg.<role>.resources``
     when the config has such a key; else ``{role: 1}`` when the cluster advertises a resource named
     after the role (the node types of ``cluster.yaml`` do), which pins the role to its nodes;
     else none.

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import ray
 
 from actors.cluster import init_ray, localize_paths, role_resources
 from vlrm.accounting import Accounting, peak_memory, summarize
@@ -106,13 +107,11 @@ class DistributedEngine:
         self.batch_origin: dict[str, str] = {}  # batch_id -> incarnation of the rollout actor that made it
         self._pending_acks: dict[Any, tuple[int, float]] = {}
         self._score_rr = 0
-        self._t_start = time.perf_counter()
 
     # ------------------------------------------------------------------ lifecycle hooks
 
     def start(self, ckpt: Any = None) -> dict:
         """Start every actor (the learner from ``ckpt`` when resuming); returns its resume state."""
-        import ray
         from ray.util.queue import Queue
 
         from actors.rollout import RolloutActor, rollout_actor_options
@@ -157,25 +156,17 @@ class DistributedEngine:
         return state or {}
 
     def evaluate(self, split: str, subset: int | None) -> dict:
-        import ray
-
         return ray.get(self.learner.evaluate.remote(split, subset))
 
     def save_checkpoint(self, sampler_state: dict, extra: dict) -> None:
-        import ray
-
         extra = extra | {"batch_counter": self.batch_counter, "accounting": self.acc.as_dict()}
         ray.get(self.learner.save_checkpoint.remote(sampler_state, extra))
 
     def export(self, path: str) -> None:
-        import ray
-
         ray.get(self.learner.export_pretrained.remote(path))
 
     def report(self, steps: int, final_step: int, train_seconds: float) -> dict:
         """Write ``accounting.json`` and print it; returns the summary's mode-specific part."""
-        import ray
-
         rollout_infos, reward_infos = _infos(self.rollouts), _infos(self.rewards)
         for info in rollout_infos + reward_infos:
             self._seen(info)
@@ -196,8 +187,6 @@ class DistributedEngine:
         return {"policy_version": learner_info["version"]}
 
     def close(self) -> None:
-        import ray
-
         if self.queue is not None:
             try:
                 self.queue.shutdown(force=True)
@@ -232,8 +221,6 @@ class DistributedEngine:
     def _result(self, task: _Task) -> dict | None:
         """The meta of a finished call, counted once; or, when its actor died, None after the call
         went to another actor of the role (``task`` then holds the new call's refs)."""
-        import ray
-
         try:
             meta = ray.get(task.meta_ref)
         except Exception as e:
@@ -257,8 +244,7 @@ class DistributedEngine:
             self.acc.on_generated(meta)
         return meta
 
-    def _wait(self, task: _Task) -> dict:
-        """:meth:`_result`, resubmitting until the call succeeds (sync mode)."""
+    def _wait(self, task: _Task) -> dict:  # sync mode: resubmit until the call succeeds
         while (meta := self._result(task)) is None:
             pass
         return meta
@@ -286,7 +272,7 @@ class DistributedEngine:
 
     def _mark_dead(self, actor: int, e: BaseException) -> None:
         """An actor whose call failed after Ray's own restarts and retries is not used again."""
-        import ray.exceptions as rex
+        rex = ray.exceptions
 
         if isinstance(e, getattr(rex, "ActorDiedError", rex.RayActorError)):
             self.dead.add(actor)
@@ -302,8 +288,6 @@ class DistributedEngine:
         return acks
 
     def _collect_acks(self, timeout: float = 0.0) -> None:
-        import ray
-
         if not self._pending_acks:
             return
         ready, _ = ray.wait(list(self._pending_acks), num_returns=len(self._pending_acks), timeout=timeout)
@@ -354,8 +338,6 @@ class DistributedEngine:
             self.on_step(self, int(stats["step"]), stats)
 
     def _train_sync(self, sampler, step, train_seconds, after_step, stop) -> tuple[int, float]:
-        import ray
-
         n = len(self.rollouts)
         while not stop(step, train_seconds):
             t_step = time.perf_counter()
@@ -387,8 +369,6 @@ class DistributedEngine:
         return step, train_seconds
 
     def _train_async(self, sampler, step, train_seconds, after_step, stop) -> tuple[int, float]:
-        import ray
-
         cfg = self.cfg
         n = len(self.rollouts)
         max_outstanding = max(1, min(cfg.learner.queue_size + n, max(n, cfg.learner.max_policy_lag)))
@@ -470,7 +450,7 @@ class DistributedEngine:
 
 def _is_actor_death(e: BaseException) -> bool:
     """An actor (or the object it owned) was lost, as opposed to an error raised by our code."""
-    import ray.exceptions as rex
+    rex = ray.exceptions
 
     kinds = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
                                                "ObjectLostError", "OwnerDiedError") if hasattr(rex, n))
@@ -491,12 +471,10 @@ def _score_error(e: BaseException) -> BaseException:
 
 def _infos(actors: list) -> list[dict]:
     """``info()`` of each actor that still answers (a dead one is skipped)."""
-    import ray
-
     out = []
     for a in actors:
         try:
             out.append(ray.get(a.info.remote(), timeout=60))
-        except Exception:
+        except Exception:  # dead, or gone with its node
             continue
     return out

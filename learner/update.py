@@ -266,7 +266,7 @@ class A2CUpdater:
 
         max_norm = cfg.grad_clip if cfg.grad_clip and cfg.grad_clip > 0 else math.inf
         # Each group (policy, value head) is clipped on its own: under one global norm the value
-        # head's large early MSE gradients scaled every policy step down (BENCHMARKS.md, issue 3).
+        # head's large early MSE gradients scaled every policy step down (BENCHMARKS.md, the RL ablations).
         grad_norms = {g["name"]: torch.nn.utils.clip_grad_norm_(g["params"], max_norm) for g in self.optimizer.param_groups}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

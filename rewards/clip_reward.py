@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from vlrm.clip import ClipModel, resolve_clip_spec
-from vlrm.images import check_pairing, to_pil, unique_images
+from vlrm.images import paired, to_pil
 
 __all__ = ["ClipReward", "resolve_clip_spec", "to_pil"]
 
@@ -51,12 +51,10 @@ class ClipReward(ClipModel):
         ``images[i]`` pairs with ``captions[i]``; or, with ``image_index``, ``images`` are unique
         and ``images[image_index[i]]`` pairs with ``captions[i]``.
         """
-        captions = list(captions)
-        check_pairing(images, captions, image_index)
+        captions, uniq, index = paired(images, captions, image_index)
         if not captions:
             self.last_truncated = 0
             return torch.zeros(0, dtype=torch.float32)
-        uniq, index = unique_images(images, image_index)
         img = self.encode_images(uniq)
         txt = self.encode_texts(captions)
         own = torch.tensor(index, device=img.device)

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from vlrm.dtypes import torch_dtype
-from vlrm.images import check_pairing, to_pil, unique_images
+from vlrm.images import paired, to_pil
 
 __all__ = ["ItmReward"]
 
@@ -156,12 +156,10 @@ class ItmReward:
         image_index: Sequence[int] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``FloatTensor[N]`` (CPU): ITM positive logit of each (image, caption) pair."""
-        captions = list(captions)
-        check_pairing(images, captions, image_index)
+        captions, uniq, index = paired(images, captions, image_index)
         if not captions:
             self.last_truncated = 0
             return torch.zeros(0, dtype=torch.float32)
-        uniq, index = unique_images(images, image_index)
         embeds = self.image_embeds(uniq)
         self.count_truncated(captions)
         idx = torch.tensor(index, device=embeds.device)

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from vlrm.dtypes import torch_dtype
+from vlrm.lm_scoring import mean_token_logprobs
 
 __all__ = ["ReferenceLMReward"]
 
@@ -161,21 +162,7 @@ class ReferenceLMReward:
         seqs, n_cut, empty = self.sequences(captions)
         self.last_truncated = n_cut
         self.truncated += n_cut
-        out = torch.empty(len(captions), dtype=torch.float32)
-        for s in range(0, len(seqs), self.batch_size):
-            chunk = seqs[s : s + self.batch_size]
-            L = max(len(q) for q in chunk)
-            ids = torch.full((len(chunk), L), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), L), dtype=torch.long)
-            for r, q in enumerate(chunk):
-                ids[r, : len(q)] = torch.tensor(q)
-                mask[r, : len(q)] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            logits = self.lm(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
-            tmask = mask[:, 1:].float()
-            mean = (logp * tmask).sum(1) / tmask.sum(1).clamp_min(1.0)
-            out[s : s + len(chunk)] = mean.cpu()
+        out = mean_token_logprobs(self.lm, seqs, self.pad_id, self.device, self.batch_size)
         if self.empty_value is not None:
             out[torch.tensor(empty, dtype=torch.bool)] = self.empty_value
         return out

@@ -18,6 +18,7 @@ whose shapes are right as often as its vision tower's linear probe allows.
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Mapping
 
 import numpy as np
@@ -109,7 +110,7 @@ def captioner_grounding(captioner_dir, images, scenes, seed: int = 0) -> dict[st
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from vlrm.data import ImageDataset, split_path
+    from vlrm.data import open_split, split_path
     from vlrm.evaluate import ClipEvaluator
     from vlrm.metrics import retrieval_recall
 
@@ -121,8 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--probe-images", type=int, default=300, help="images for the captioner probe")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    ds = ImageDataset.open(split_path(a.data, a.split))
-    scenes = ds.scenes()
+    ds = open_split(split_path(a.data, a.split))
+    scenes = ds.column("scene")
+    scenes = [json.loads(sc) for sc in scenes] if scenes is not None else None
     if scenes is None:
         p.error(f"{a.data} {a.split} has no ground truth (a shapes-world split is needed)")
     images, _, _ = ds.images(list(range(len(ds))))

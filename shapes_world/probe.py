@@ -14,7 +14,7 @@ cells and on telling empty from occupied, for each kind of feature (``FEATURES``
 
 What a probe cannot read, a captioner reading those features cannot state reliably either; the
 converse does not hold. On the committed models the tower's tokens carry each cell (colour 0.98)
-but the Q-Former's queries keep about what the [CLS] token does (BENCHMARKS.md, issue 3).
+but the Q-Former's queries keep about what the [CLS] token does (BENCHMARKS.md, "What limits the truth of the tuned captions?").
 """
 from __future__ import annotations
 

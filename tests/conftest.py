@@ -21,32 +21,28 @@ def tokenizer():
     return build_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_captioner_dir(tmp_path_factory, tokenizer):
-    from transformers import Blip2ForConditionalGeneration
+def _tiny_blip2(cls_name: str, config_name: str, folder, tokenizer):
+    """A tiny randomly initialised BLIP-2 model of the production class, saved as checkpoints are."""
+    import transformers
 
-    from shapes_world.models import captioner_config
+    import shapes_world.models as configs
     from shapes_world.pretrain.blip2_io import save_blip2
     from shapes_world.pretrain.itm import init_query_tokens
 
     torch.manual_seed(0)
-    model = Blip2ForConditionalGeneration(captioner_config(tokenizer))
+    model = getattr(transformers, cls_name)(getattr(configs, config_name)(tokenizer))
     init_query_tokens(model)
-    return save_blip2(model, tokenizer, tmp_path_factory.mktemp("captioner"))
+    return save_blip2(model, tokenizer, folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner_dir(tmp_path_factory, tokenizer):
+    return _tiny_blip2("Blip2ForConditionalGeneration", "captioner_config", tmp_path_factory.mktemp("captioner"), tokenizer)
 
 
 @pytest.fixture(scope="session")
 def tiny_itm_dir(tmp_path_factory, tokenizer):
-    from transformers import Blip2ForImageTextRetrieval
-
-    from shapes_world.models import itm_config
-    from shapes_world.pretrain.blip2_io import save_blip2
-    from shapes_world.pretrain.itm import init_query_tokens
-
-    torch.manual_seed(0)
-    model = Blip2ForImageTextRetrieval(itm_config(tokenizer))
-    init_query_tokens(model)
-    return save_blip2(model, tokenizer, tmp_path_factory.mktemp("itm"))
+    return _tiny_blip2("Blip2ForImageTextRetrieval", "itm_config", tmp_path_factory.mktemp("itm"), tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -53,8 +53,11 @@ def test_defaults():
     assert c.policy.lora_r == 8 and c.policy.lora_target_modules == ["q_proj", "v_proj"]
     assert c.policy.train_vision is False and c.policy.value_head_use_query is False
     assert c.rollout.num_actors == 2 and c.rollout.backend == "hf" and c.rollout.samples_per_image == 4
-    assert c.reward.weights == {"clip": 1.0, "itm": 0.0, "ref": 0.0, "bad": 1.0, "repeat": 1.0, "length": 0.0}
-    assert c.reward.bad_phrases is None and c.reward.batch_wait_s == 0.05 and c.reward.ref_lm_path is None
+    assert c.reward.weights() == {"clip": 1.0, "itm": 0.0, "ref": 0.0, "bad": 1.0, "repeat": 1.0, "length": 0.0}
+    comps = c.reward.components
+    assert comps["bad"].phrases is None and c.reward.batch_wait_s == 0.05 and comps["ref"].lm_path is None
+    assert comps["clip"].path == "models/shapes/reward_clip" and comps["repeat"].ngram == 2
+    assert c.data.source == "shapes" and c.data.cache_mb == 256
     assert c.learner.lr == 1e-4 and c.learner.baseline == "value" and c.learner.off_policy == "truncated_is"
     assert c.learner.max_policy_lag == 4 and c.learner.value_lr is None
     assert c.eval.decoding == "greedy" and c.eval.gallery_size is None and c.eval.num_beams == 5
@@ -64,16 +67,19 @@ def test_defaults():
 def test_mutable_defaults_are_not_shared():
     a, b = RunConfig(), RunConfig()
     a.policy.lora_target_modules.append("k_proj")
-    a.reward.weights["clip"] = 5.0
-    assert b.policy.lora_target_modules == ["q_proj", "v_proj"] and b.reward.weights["clip"] == 1.0
+    a.reward.components["clip"].weight = 5.0
+    assert b.policy.lora_target_modules == ["q_proj", "v_proj"] and b.reward.components["clip"].weight == 1.0
 
 
 def test_every_field_is_documented():
-    for cls in (RunConfig, PolicyConfig, RolloutConfig, RewardConfig, LearnerConfig, EvalConfig):
+    from vlrm.config import BUILTIN_COMPONENTS, ClusterConfig, DataConfig, PluginComponent
+
+    for cls in (RunConfig, DataConfig, PolicyConfig, RolloutConfig, RewardConfig, LearnerConfig, EvalConfig,
+                ClusterConfig, PluginComponent, *BUILTIN_COMPONENTS.values()):
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, (cls.__name__, missing)
-    assert "--rollout.num_actors" in format_help()
+    assert "--rollout.num_actors" in format_help() and "--reward.components.repeat.ngram" in format_help()
 
 
 # ---------------------------------------------------------------- YAML
@@ -92,8 +98,9 @@ learner:
   lr: 3e-5              # PyYAML reads this as text; coerced to float
   baseline: rloo
 reward:
-  weights: {itm: 0.5}   # dicts merge key by key
-  bad_phrases: [an image of, "a video of"]
+  components:
+    itm: {weight: 0.5}  # blocks merge key by key
+    bad: {phrases: [an image of, "a video of"]}
 eval:
 """,
     )
@@ -101,8 +108,9 @@ eval:
     assert c.mode == "local" and c.time_budget_s == 60.0 and isinstance(c.time_budget_s, float)
     assert c.rollout.num_actors == 3 and c.rollout.temperature == 1.0 and isinstance(c.rollout.temperature, float)
     assert c.learner.lr == 3e-5 and c.learner.baseline == "rloo"
-    assert c.reward.weights["itm"] == 0.5 and c.reward.weights["clip"] == 1.0
-    assert c.reward.bad_phrases == ["an image of", "a video of"]
+    assert c.reward.weights()["itm"] == 0.5 and c.reward.weights()["clip"] == 1.0
+    assert c.reward.components["itm"].path == "models/shapes/reward_itm"  # the rest of the block: defaults
+    assert c.reward.components["bad"].phrases == ["an image of", "a video of"]
     assert c.eval == EvalConfig()  # empty section: defaults
     assert c.rollout.images_per_batch == 16  # untouched keys keep defaults
 
@@ -129,7 +137,7 @@ def test_yaml_key_in_wrong_section_suggests_sections(tmp_path):
 def test_yaml_type_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"'learner.normalize_advantages'.*expected bool.*'maybe'"):
         load_config(write(tmp_path, "learner:\n  normalize_advantages: maybe\n"))
-    with pytest.raises(ConfigError, match=r"'rollout'.*expected a mapping"):
+    with pytest.raises(ConfigError, match=r"'rollout'.*got 3"):
         load_config(write(tmp_path, "rollout: 3\n"))
     with pytest.raises(ConfigError, match=r"'policy.lora_target_modules'.*expected list\[str\]"):
         load_config(write(tmp_path, "policy:\n  lora_target_modules: q_proj\n"))
@@ -155,10 +163,10 @@ def test_cli_override_forms():
             "--policy.train_vision=true",
             "--policy.train_qformer",
             "false",
-            "--reward.bad_phrases=[\"a picture of\", \"an image of\"]",
+            "--reward.components.bad.phrases=[\"a picture of\", \"an image of\"]",
             "--policy.lora_target_modules=q_proj,k_proj",
-            "--reward.weights.itm=0.25",
-            "--reward.ref_lm_path=null",
+            "--reward.components.itm.weight=0.25",
+            "--reward.components.ref.lm_path=null",
             "--run_name=123",  # str field: text kept as is
             "--time_budget_s",
             "30",
@@ -169,10 +177,10 @@ def test_cli_override_forms():
     assert c.rollout.num_actors == 3 and c.reward.num_actors == 2 and c.learner.gamma == 0.9
     assert c.learner.normalize_advantages is True
     assert c.policy.train_vision is True and c.policy.train_qformer is False
-    assert c.reward.bad_phrases == ["a picture of", "an image of"]
+    assert c.reward.components["bad"].phrases == ["a picture of", "an image of"]
     assert c.policy.lora_target_modules == ["q_proj", "k_proj"]
-    assert c.reward.weights == {"clip": 1.0, "itm": 0.25, "ref": 0.0, "bad": 1.0, "repeat": 1.0, "length": 0.0}
-    assert c.reward.ref_lm_path is None and c.run_name == "123" and c.time_budget_s == 30.0
+    assert c.reward.weights() == {"clip": 1.0, "itm": 0.25, "ref": 0.0, "bad": 1.0, "repeat": 1.0, "length": 0.0}
+    assert c.reward.components["ref"].lm_path is None and c.run_name == "123" and c.time_budget_s == 30.0
     assert c.learner.lr == 1e-5 and c.learner.max_policy_lag == 0
 
 
@@ -186,11 +194,35 @@ def test_cli_config_file_then_overrides(tmp_path):
 
 
 def test_cli_nested_mapping_value_and_null_list():
-    c = parse_cli(["--rollout={num_actors: 4, backend: vllm}", "--reward.bad_phrases", "null"])
-    assert c.rollout.num_actors == 4 and c.rollout.backend == "vllm" and c.rollout.samples_per_image == 4
-    assert c.reward.bad_phrases is None
-    c = parse_cli(["--reward.weights={ref: 0.3, custom: 2}"])
-    assert c.reward.weights["ref"] == 0.3 and c.reward.weights["custom"] == 2.0 and c.reward.weights["clip"] == 1.0
+    c = parse_cli(["--rollout={num_actors: 4, top_k: 5}", "--reward.components.bad.phrases", "null"])
+    assert c.rollout.num_actors == 4 and c.rollout.top_k == 5 and c.rollout.samples_per_image == 4
+    assert c.reward.components["bad"].phrases is None
+    c = parse_cli(["--reward.components={ref: {weight: 0.3}, mine: {target: 'my_pkg.r:f', weight: 2, alpha: 1}}"])
+    w = c.reward.weights()
+    assert w["ref"] == 0.3 and w["mine"] == 2.0 and w["clip"] == 1.0
+    assert c.reward.components["mine"].options == {"alpha": 1} and c.reward.components["mine"].target == "my_pkg.r:f"
+
+
+def test_reward_components_are_checked_per_block():
+    with pytest.raises(ConfigError, match=r"'reward.components.clip.pathh'.*did you mean 'reward.components.clip.path'"):
+        parse_cli(["--reward.components.clip.pathh=x"])
+    with pytest.raises(ConfigError, match=r"'cider'.*not built in.*give it a target"):
+        parse_cli(["--reward.components.cider.weight=1"])
+    with pytest.raises(ConfigError, match=r"'reward.components.repeat.words'.*'all', 'adjacent' or 'none'"):
+        parse_cli(["--reward.components.repeat.words=some"])
+    with pytest.raises(ConfigError, match=r"'reward.components.clip.weight'.*finite"):
+        parse_cli(["--reward.components.clip.weight=.nan"])
+    with pytest.raises(ConfigError, match=r"'reward.clip_path'.*did you mean 'reward.components.clip.path'"):
+        parse_cli(["--reward.clip_path=x"])
+    assert "itm" not in parse_cli(["--reward.components.itm=null"]).reward.components  # removes a block
+
+
+def test_unknown_backend_and_source_fail_before_anything_loads():
+    with pytest.raises(ConfigError, match=r"'rollout.backend'.*unknown generation backend 'vlm'"):
+        parse_cli(["--rollout.backend=vlm"])
+    with pytest.raises(ConfigError, match=r"'data.source'.*unknown data source 'coco'.*parquet"):
+        parse_cli(["--data.source=coco"])
+    assert parse_cli(["--rollout.backend=my_pkg.gen:Backend"]).rollout.backend == "my_pkg.gen:Backend"
 
 
 def test_cli_type_error_names_key_type_and_value():
@@ -203,9 +235,9 @@ def test_cli_type_error_names_key_type_and_value():
         parse_cli(["--rollout.num_actors=2.5"])
     with pytest.raises(ConfigError, match=r"'learner.lr'.*expected float.*'fast'"):
         parse_cli(["--learner.lr=fast"])
-    with pytest.raises(ConfigError, match=r"'reward.weights.clip'.*expected float"):
-        parse_cli(["--reward.weights.clip=high"])
-    with pytest.raises(ConfigError, match=r"'--learner.lr' needs a value"):
+    with pytest.raises(ConfigError, match=r"'reward.components.clip.weight'.*expected float"):
+        parse_cli(["--reward.components.clip.weight=high"])
+    with pytest.raises(ConfigError, match=r"'learner.lr' needs a value"):
         parse_cli(["--learner.lr", "--seed=1"])
 
 
@@ -216,7 +248,7 @@ def test_cli_literal_lists_allowed_values():
     assert "'policy.dtype'" in msg and "'fp16'" in msg
     for v in ("'float32'", "'bfloat16'", "'float16'"):
         assert v in msg
-    with pytest.raises(ConfigError, match=r"'none', 'truncated_is', 'vtrace'"):
+    with pytest.raises(ConfigError, match=r"'none', 'truncated_is' or 'vtrace'"):
         parse_cli(["--learner.off_policy=is"])
     assert parse_cli(["--mode", "sync"]).mode == "sync"
 
@@ -272,9 +304,11 @@ def test_round_trip_save_load(tmp_path):
     c = load_config(
         overrides=[
             "run_name=my run #1",
-            "reward.bad_phrases=['an image of', 'yes', 'null', '1999', 'a: b']",
-            "reward.clip_prompt_prefix=a photo of ",
-            "reward.weights.extra=0.125",
+            "reward.components.bad.phrases=['an image of', 'yes', 'null', '1999', 'a: b']",
+            "reward.components.clip.prompt_prefix=a photo of ",
+            "reward.components.extra.target=my_rewards.py:factory",
+            "reward.components.extra.weight=0.125",
+            "reward.components.extra.scale=3",
             "learner.lr=3e-7",
             "time_budget_s=1200",
             "cluster.num_cpus=2",
@@ -288,7 +322,9 @@ def test_round_trip_save_load(tmp_path):
     assert yaml.safe_load(p.read_text()) == to_dict(c)  # plain YAML, comments aside
     assert "# number of rollout (generation) actors" in p.read_text()
     assert yaml.safe_load(dump_yaml(c, comments=False)) == to_dict(c)
-    assert to_flat_dict(c)["learner.lr"] == 3e-7 and to_flat_dict(c)["reward.weights"]["extra"] == 0.125
+    flat = to_flat_dict(c)
+    assert flat["learner.lr"] == 3e-7 and flat["reward.components.extra"]["weight"] == 0.125
+    assert c.reward.components["clip"].prompt_prefix == "a photo of "  # str values keep their spaces
 
 
 def test_resolve_fills_run_name_and_value_lr():
@@ -319,7 +355,9 @@ def test_blip2_yaml_loads():
     c = load_config(ROOT / "configs" / "blip2_opt27b.yaml")
     assert c.policy.model_path == "Salesforce/blip2-opt-2.7b" and c.policy.dtype == "bfloat16"
     assert c.policy.lora_target_modules == ["q_proj", "k_proj", "v_proj", "out_proj"]
-    assert c.reward.itm_path == "Salesforce/blip2-itm-vit-g" and "ViT-L-14" in c.reward.clip_path
+    comps = c.reward.components
+    assert comps["itm"].path == "Salesforce/blip2-itm-vit-g" and "ViT-L-14" in comps["clip"].path
+    assert c.cluster.dashboard_host == "127.0.0.1"  # no preset exposes the dashboard
     assert c.rollout.num_gpus == 1 and c.reward.num_gpus == 1 and c.learner.num_gpus == 1
     assert c.rollout.max_new_tokens == 60 and c.eval.max_new_tokens == 60
 

@@ -330,3 +330,26 @@ def test_reference_lm_uses_frozen_base(tiny_captioner_dir):
         ids = torch.tensor([[pol.bos_token_id, 5, 6]])
         assert not torch.allclose(pol.lm(input_ids=ids).logits, base(input_ids=ids).logits)
     assert pol.reference_lm_logprobs(caps[:2], include_eos=True).shape == (2,)
+
+
+def test_hf_state_dict_merges_lora_for_an_engine_holding_the_plain_model(tiny_captioner_dir, pixels):
+    """What a backend with ``weights_format = "hf"`` receives: plain BLIP-2 names, LoRA merged into
+    the projections it adapts; loaded into the base model it captions and scores as the policy."""
+    from transformers import Blip2ForConditionalGeneration
+
+    pol = _policy(tiny_captioner_dir)
+    with torch.no_grad():
+        _perturb(pol, seed=3, scale=0.2)
+    sd = pol.hf_state_dict()
+    assert not any("lora" in k or "base_layer" in k or "value_head" in k for k in sd)
+    model = Blip2ForConditionalGeneration.from_pretrained(str(tiny_captioner_dir)).eval()
+    plain = model.state_dict()
+    q = next(k for k in sd if k.endswith("self_attn.q_proj.weight"))
+    assert sd[q].shape == plain[q].shape and not torch.equal(sd[q], plain[q])  # the merged delta is there
+    res = model.load_state_dict(sd, strict=False)
+    assert not res.unexpected_keys
+    out = model.generate(pixel_values=pixels, max_new_tokens=8, do_sample=False, num_beams=1)
+    caps = [c.strip() for c in pol.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    assert caps == pol.caption(pixels, max_new_tokens=8)
+    s = pol.sample(pixels, 2, max_new_tokens=6, min_new_tokens=0, seed=0)
+    torch.testing.assert_close(_plain_logprobs(model, pol, pixels, s), s.logprobs, atol=1e-4, rtol=0)

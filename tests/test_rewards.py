@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rewards.combine import CombinedReward, RewardError, RewardOutput, build_reward, register_reward, registered_rewards
+from rewards.combine import CombinedReward, RewardError, RewardOutput, build_reward
+from vlrm.registry import PluginError
 from vlrm.config import RewardConfig
 
 
@@ -254,15 +255,21 @@ def test_combined_expands_images_for_components_without_image_index():
     assert got["images"] == ["B", "A", "B"]
 
 
+def _reward_cfg(dtype="float32", **components):
+    from vlrm.config import from_dict
+
+    return from_dict({"reward": {"dtype": dtype, "components": components}}).reward
+
+
 def test_build_reward_from_config(tiny_clip_dir, tiny_itm_dir, tiny_captioner_dir):
-    cfg = RewardConfig(clip_path=str(tiny_clip_dir), itm_path=str(tiny_itm_dir),
-                       weights={"clip": 1.0, "itm": 0.0, "ref": 0.5, "bad": 1.0, "repeat": 1.0, "length": 0.1})
+    cfg = _reward_cfg(clip={"weight": 1.0, "path": str(tiny_clip_dir)}, itm={"weight": 0.0, "path": str(tiny_itm_dir)},
+                      ref={"weight": 0.5}, bad={"weight": 1.0}, repeat={"weight": 1.0}, length={"weight": 0.1})
     comb = build_reward(cfg, str(tiny_captioner_dir))
     assert sorted(comb.components) == ["bad", "clip", "length", "ref", "repeat"]  # itm not even loaded
     imgs = _images(2)
     caps = ["an image of a red red circle", "a blue square"]
     out = comb(imgs, caps, image_index=[0, 1])
-    want = sum(cfg.weights[k] * v for k, v in out.components.items())
+    want = sum(cfg.weights()[k] * v for k, v in out.components.items())
     torch.testing.assert_close(out.total, want)
     torch.testing.assert_close(out.components["clip"], comb.components["clip"](imgs, caps))
     assert out.components["bad"].tolist() == [-1.0, 0.0]
@@ -271,10 +278,10 @@ def test_build_reward_from_config(tiny_clip_dir, tiny_itm_dir, tiny_captioner_di
 
 def test_build_reward_in_bfloat16(tiny_clip_dir, tiny_itm_dir, tiny_captioner_dir):
     """reward.dtype loads every reward model in that dtype; scores stay close to float32's."""
-    weights = {"clip": 1.0, "itm": 1.0, "ref": 1.0, "bad": 0.0, "repeat": 0.0, "length": 0.0}
-    paths = dict(clip_path=str(tiny_clip_dir), itm_path=str(tiny_itm_dir))
-    half = build_reward(RewardConfig(dtype="bfloat16", weights=weights, **paths), str(tiny_captioner_dir))
-    full = build_reward(RewardConfig(weights=weights, **paths), str(tiny_captioner_dir))
+    comps = dict(clip={"weight": 1.0, "path": str(tiny_clip_dir)}, itm={"weight": 1.0, "path": str(tiny_itm_dir)},
+                 ref={"weight": 1.0}, bad={"weight": 0.0}, repeat={"weight": 0.0})
+    half = build_reward(_reward_cfg("bfloat16", **comps), str(tiny_captioner_dir))
+    full = build_reward(_reward_cfg(**comps), str(tiny_captioner_dir))
     assert {p.dtype for p in half.components["clip"].model.parameters()} == {torch.bfloat16}
     assert half.components["itm"].model.vision_model.dtype == torch.bfloat16
     assert half.components["ref"].lm.dtype == torch.bfloat16
@@ -285,26 +292,26 @@ def test_build_reward_in_bfloat16(tiny_clip_dir, tiny_itm_dir, tiny_captioner_di
         torch.testing.assert_close(got[name], want[name], atol=0.1, rtol=0.05)
 
 
-def test_build_reward_unknown_key():
-    cfg = RewardConfig(weights={"clip": 0.0, "cider": 1.0})
-    with pytest.raises(ValueError, match=r"unknown reward component\(s\) \['cider'\].*valid names.*'bad'.*'clip'"):
-        build_reward(cfg, "unused")
-
-
-def test_register_reward():
-    class Chars:
-        name = "chars"
-
-        def __call__(self, images, captions):
-            return torch.tensor([float(len(c)) for c in captions])
-
-    register_reward("chars_test", lambda cfg, captioner_path, device: Chars())
-    assert "chars_test" in registered_rewards()
-    with pytest.raises(ValueError, match="already registered"):
-        register_reward("chars_test", lambda cfg, p, d: Chars())
-    cfg = RewardConfig(weights={"chars_test": 2.0, "repeat": 1.0})
-    comb = build_reward(cfg, "unused")
-    out = comb([None, None], ["ab", "red red"])
-    assert out.components["chars_test"].tolist() == [2.0, 7.0]
-    torch.testing.assert_close(out.total, torch.tensor([4.0, 14.0]) + out.components["repeat"])
-    assert comb.components["chars_test"].name == "chars_test"
+def test_a_users_reward_by_import_path(tmp_path, monkeypatch):
+    """A factory named by module path or file path, called with its own options (and device where
+    it takes it), enters the total with its weight and is logged under its config key."""
+    (tmp_path / "user_rewards.py").write_text(
+        "import torch\n\n"
+        "def chars(scale=1.0, device='cpu'):\n"
+        "    assert device == 'cpu'\n"
+        "    return lambda images, captions: torch.tensor([scale * len(c) for c in captions])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target in ("user_rewards:chars", f"{tmp_path / 'user_rewards.py'}:chars"):
+        cfg = _reward_cfg(clip={"weight": 0.0}, bad={"weight": 0.0}, repeat={"weight": 1.0},
+                          chars={"target": target, "weight": 2.0, "scale": 0.5})
+        comb = build_reward(cfg, "unused")
+        out = comb([None, None], ["ab", "red red"])
+        assert out.components["chars"].tolist() == [1.0, 3.5]
+        torch.testing.assert_close(out.total, torch.tensor([2.0, 7.0]) + out.components["repeat"])
+        assert comb.components["chars"].name == "chars"
+    bad = _reward_cfg(clip={"weight": 0.0}, chars={"target": "user_rewards:chars", "weight": 1.0, "colour": 1})
+    with pytest.raises(RewardError, match=r"'chars'.*does not take the options \['colour'\]"):
+        build_reward(bad, "unused")
+    missing = _reward_cfg(clip={"weight": 0.0}, x={"target": "no_such_module_xyz:f", "weight": 1.0})
+    with pytest.raises(PluginError, match=r"cannot import reward component 'x' target 'no_such_module_xyz:f'"):
+        build_reward(missing, "unused")

@@ -3,7 +3,7 @@
 ``generated == scored == consumed + dropped_for_lag + discarded_at_stop``, where
 ``discarded_at_stop`` counts rollouts still in the pipeline when a ``time_budget_s`` stops the
 run. Batches are counted by ``batch_id`` when their results arrive, so a retried task is counted
-once. The identity is per session: a resumed run starts counting again.
+once. The identity is per run of the command: a resumed run starts counting again.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ __all__ = ["Accounting", "peak_memory", "summarize"]
 
 @dataclass
 class Accounting:
-    """Exactly-once bookkeeping of rollouts (rows) and batches, per session."""
+    """Exactly-once bookkeeping of rollouts (rows) and batches, per run of the command."""
 
     generated: int = 0
     scored: int = 0

@@ -31,7 +31,7 @@ from vlrm.config_schema import BUILTIN_COMPONENTS, ConfigError, PluginComponent,
 from vlrm.config_schema import __all__ as _TREE
 
 __all__ = list(_TREE) + ["load_config", "parse_cli", "split_cli", "from_dict", "to_dict", "to_flat_dict",
-                         "save_config", "dump_yaml", "resolve", "format_help", "field_docs"]
+                         "save_config", "dump_yaml", "resolve", "format_help", "field_docs", "peel_option"]
 
 _FLAG = object()  # a bare --key on the command line
 
@@ -182,6 +182,8 @@ def _parse_override(item: str, sources: _Sources) -> dict:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text
+        if typing.get_origin(tp) is list and isinstance(value, str):  # --key=a,b for a list
+            value = [v.strip() for v in value.split(",") if v.strip()]
     if value is _FLAG:
         raise ConfigError(f"'{key}' needs a value ({_type_name(tp) if tp else 'unknown key'}): --{key}=VALUE",
                           key=key, source="command line")
@@ -335,9 +337,10 @@ def to_flat_dict(cfg: Any) -> dict[str, Any]:
             v = getattr(obj, f.name)
             if dataclasses.is_dataclass(v):
                 walk(v, prefix + f.name + ".")
+            elif f.name == "components":
+                out |= {f"{prefix}components.{k}": dataclasses.asdict(c) for k, c in v.items()}
             else:
-                out[prefix + f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (
-                    {k: dataclasses.asdict(c) for k, c in v.items()} if f.name == "components" else v)
+                out[prefix + f.name] = v
 
     walk(cfg, "")
     return out
@@ -356,26 +359,38 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
     return validate(cfg) if check else cfg
 
 
-def split_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
-    """Split argv into (``--config`` path, overrides as ``'key=value'`` / ``'key'`` strings)."""
+def peel_option(argv: Sequence[str], name: str, example: str) -> tuple[str | None, list[str]]:
+    """``(value of --name or None, the other arguments)``: ``--name VALUE`` or ``--name=VALUE``, once."""
+    flag, rest, value = f"--{name}", [], None
     argv = list(argv)
-    config: str | None = None
-    overrides: list[str] = []
     i = 0
     while i < len(argv):
         a = argv[i]
-        if a == "--config" or a.startswith("--config="):
-            if a == "--config":
+        if a == flag or a.startswith(flag + "="):
+            if a == flag:
                 if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                    raise ConfigError("--config needs a file path: --config configs/shapes.yaml", source="command line")
+                    raise ConfigError(f"{flag} needs a value: {flag} {example}", source="command line")
                 val = argv[i + 1]
                 i += 1
             else:
                 val = a.split("=", 1)[1]
-            if config is not None:
-                raise ConfigError(f"--config given twice ({config!r} and {val!r})", source="command line")
-            config = val
-        elif a.startswith("--") and len(a) > 2:
+            if value is not None:
+                raise ConfigError(f"{flag} given twice ({value!r} and {val!r})", source="command line")
+            value = val
+        else:
+            rest.append(a)
+        i += 1
+    return value, rest
+
+
+def split_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Split argv into (``--config`` path, overrides as ``'key=value'`` / ``'key'`` strings)."""
+    config, argv = peel_option(argv, "config", "configs/shapes.yaml")
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and len(a) > 2:
             body = a[2:]
             if "=" in body:
                 overrides.append(body)

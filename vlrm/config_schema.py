@@ -297,7 +297,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     def at_least(key: str, value: float, low: float, note: str = "") -> None:
         need(value >= low, key, f"must be >= {low}{note}, got {value}")
 
+    from vlrm.backend import BACKENDS
+    from vlrm.data import SOURCES
+    from vlrm.registry import is_target
+
     r, w, l, e, c = cfg.rollout, cfg.reward, cfg.learner, cfg.eval, cfg.cluster
+    need(cfg.data.source in SOURCES or is_target(cfg.data.source), "data.source",
+         f"unknown data source {cfg.data.source!r}: built in are {', '.join(SOURCES)}, or give 'pkg.module:Class'")
+    need(r.backend in BACKENDS or is_target(r.backend), "rollout.backend",
+         f"unknown generation backend {r.backend!r}: built in are {', '.join(BACKENDS)}, or give 'pkg.module:Class'")
     at_least("total_steps", cfg.total_steps, 0)
     need(cfg.time_budget_s is None or cfg.time_budget_s > 0, "time_budget_s", f"must be > 0 or null, got {cfg.time_budget_s}")
     at_least("data.image_size", cfg.data.image_size, 1)

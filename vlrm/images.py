@@ -7,7 +7,7 @@ from typing import Any, Hashable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["to_pil", "unique_index", "unique_images", "check_pairing"]
+__all__ = ["to_pil", "unique_index", "unique_images", "check_pairing", "paired"]
 
 
 def to_pil(image: Any):
@@ -74,3 +74,13 @@ def unique_images(images: Sequence[Any], image_index: Sequence[int] | torch.Tens
         if not 0 <= j < n:
             raise IndexError(f"image_index[{i}] = {j} is out of range for {n} images")
     return list(images), index
+
+
+def paired(images: Sequence[Any], captions: Sequence[str],
+           image_index: Sequence[int] | torch.Tensor | None) -> tuple[list[str], list[Any], list[int]]:
+    """A reward call's inputs checked and deduplicated: ``(captions, unique images, index)`` with
+    caption ``i`` paired with ``unique[index[i]]``."""
+    captions = list(captions)
+    check_pairing(images, captions, image_index)
+    uniq, index = unique_images(images, image_index)
+    return captions, uniq, index

@@ -26,28 +26,21 @@ with ``from_config`` and ``load_trainable_state_dict``.
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from vlrm.config import PolicyConfig
 from vlrm.dtypes import torch_dtype
+from vlrm.lm_scoring import mean_token_logprobs
+from vlrm.policy_weights import PolicyWeights
 from vlrm.value_head import ValueHead
 
 __all__ = ["CaptionPolicy", "PolicyForward", "Samples"]
 
 
-TRAINABLE_FILE = "trainable.safetensors"
-ADAPTER_DIR = "adapter"
-VALUE_HEAD_FILE = "value_head.safetensors"
-META_FILE = "policy.json"
 
 
 @dataclass
@@ -94,11 +87,7 @@ class PolicyForward(NamedTuple):
     entropy: Tensor
 
 
-def _is_lora(name: str) -> bool:
-    return "lora_" in name
-
-
-class CaptionPolicy(nn.Module):
+class CaptionPolicy(PolicyWeights, nn.Module):
     """BLIP-2 captioner + value head, with the VLRM freezing scheme (see the module docstring).
 
     Build it with :meth:`from_config`. Attributes: ``model`` (the ``Blip2ForConditionalGeneration``,
@@ -391,163 +380,6 @@ class CaptionPolicy(nn.Module):
             ids = tok(text, add_special_tokens=False)["input_ids"]
             ids = [self.bos_token_id] + list(ids) + ([self.eos_token_id] if include_eos else [])
             seqs.append(ids[:limit])
-        out = torch.full((len(seqs),), float(empty_score), dtype=torch.float32)
         ctx = self._peft.disable_adapter() if self._peft is not None else contextlib.nullcontext()
         with self._eval_mode(), ctx:
-            for start in range(0, len(seqs), batch_size):
-                chunk = seqs[start:start + batch_size]
-                width = max(len(s) for s in chunk)
-                ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
-                att = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, s in enumerate(chunk):
-                    ids[i, :len(s)] = torch.tensor(s)
-                    att[i, :len(s)] = 1
-                ids, att = ids.to(self.device), att.to(self.device)
-                logits = self.lm(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float()
-                lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-                valid = att[:, 1:].bool()
-                count = valid.sum(-1)
-                mean = torch.where(valid, lp, torch.zeros_like(lp)).sum(-1) / count.clamp(min=1)
-                mean = torch.where(count > 0, mean, torch.full_like(mean, float(empty_score)))
-                out[start:start + len(chunk)] = mean.cpu()
-        return out
-
-    # ------------------------------------------------------------------ weights
-
-    def trainable_state_dict(self, device: str | torch.device | None = "cpu") -> dict[str, Tensor]:
-        """The trainable tensors only (Q-Former, query tokens, projection, LoRA, value head): what a
-        learner pushes to actors. Detached copies on ``device``; with None, the parameters themselves,
-        detached, no copy (for a caller that copies them before the next update, as the packed wire does)."""
-        return {n: p.detach().to(device, copy=True) if device is not None else p.detach()
-                for n, p in self.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def load_trainable_state_dict(self, sd: dict[str, Tensor], strict: bool = True) -> None:
-        """Copy the tensors of :meth:`trainable_state_dict` (from a policy of the same config) in place."""
-        params = dict(self.named_parameters())
-        expected = {n for n, p in params.items() if p.requires_grad}
-        unexpected = sorted(set(sd) - set(params))
-        missing = sorted(expected - set(sd))
-        if unexpected or (strict and missing):
-            raise KeyError(f"trainable state dict does not match this policy: missing {missing[:5]}"
-                           f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                           f"{'...' if len(unexpected) > 5 else ''}")
-        for n, v in sd.items():
-            p = params[n]
-            if p.shape != v.shape:
-                raise ValueError(f"{n}: shape {tuple(v.shape)} does not match the policy's {tuple(p.shape)}")
-            p.copy_(v.to(p.device, p.dtype))
-
-    @torch.no_grad()
-    def hf_state_dict(self) -> dict[str, Tensor]:
-        """The trainable weights under plain ``Blip2ForConditionalGeneration`` names, with LoRA merged
-        into each projection it adapts (``base + scale * B @ A`` under the base weight's name): the
-        form an engine that holds the HF model (vLLM) loads. Loaded into the base model with
-        ``load_state_dict(strict=False)`` it captions as this policy does."""
-        out = dict(self.released_state_dict())
-        if self._peft is not None:
-            from peft.tuners.lora import LoraLayer
-
-            for name, module in self.model.named_modules():
-                if isinstance(module, LoraLayer):
-                    base = module.get_base_layer()
-                    delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-                    out[f"{name}.weight"] = (base.weight + delta.to(base.weight.dtype)).contiguous()
-                    if getattr(base, "bias", None) is not None:
-                        out[f"{name}.bias"] = base.bias.detach()
-        return out
-
-    def released_state_dict(self) -> dict[str, Tensor]:
-        """The released-VLRM-style partial state dict: trainable BLIP-2 tensors (no LoRA, no value
-        head) under ``Blip2ForConditionalGeneration`` names (``qformer.*``, ``query_tokens``,
-        ``language_projection.*``; ``vision_model.*`` if it trains)."""
-        return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad and not _is_lora(n)}
-
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """Write ``trainable.safetensors`` (released style), ``adapter/`` (peft, when LoRA is on),
-        ``value_head.safetensors`` and ``policy.json`` (version and config) into ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.cpu() for k, v in self.released_state_dict().items()}, str(path / TRAINABLE_FILE),
-                  metadata={"format": "pt"})
-        if self._peft is not None:
-            self._peft.save_pretrained(str(path / ADAPTER_DIR), safe_serialization=True)
-        self._save_value_head(path)
-        meta = {"version": int(self.version), "config": dataclasses.asdict(self.config)}
-        (path / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        return path
-
-    def _save_value_head(self, path: Path) -> None:
-        vh = self.value_head
-        save_file({k: v.detach().cpu().contiguous() for k, v in vh.state_dict().items()}, str(path / VALUE_HEAD_FILE),
-                  metadata={"format": "pt", "lm_hidden": str(vh.lm_hidden), "use_query": str(vh.use_query),
-                            "query_dim": str(vh.query_dim), "hidden": str(vh.net[0].out_features)})
-
-    @torch.no_grad()
-    def load_checkpoint(self, path: str | Path, strict: bool = True) -> None:
-        """Load :meth:`save_checkpoint` output. ``path`` may also be a single ``.safetensors`` file
-        of BLIP-2 names (the released VLRM weights), loaded with ``strict=False`` semantics.
-
-        Unknown tensor names always raise; with ``strict``, trainable tensors missing from the
-        checkpoint (and a missing adapter or value head) raise too.
-        """
-        path = Path(path)
-        if path.is_file():
-            self._load_released(load_file(str(path)), strict=False)
-            return
-        if not path.is_dir():
-            raise FileNotFoundError(f"no policy checkpoint at {path}")
-        self._load_released(load_file(str(path / TRAINABLE_FILE)), strict=strict)
-        adapter = path / ADAPTER_DIR / "adapter_model.safetensors"
-        if self._peft is not None:
-            if adapter.is_file():
-                from peft import set_peft_model_state_dict
-
-                res = set_peft_model_state_dict(self._peft, load_file(str(adapter)))
-                bad = [k for k in getattr(res, "unexpected_keys", []) if _is_lora(k)]
-                if bad:
-                    raise KeyError(f"adapter in {adapter.parent} does not match this policy's LoRA: {bad[:5]}")
-            elif strict:
-                raise FileNotFoundError(f"{adapter} missing (policy has LoRA r={self.config.lora_r})")
-        elif adapter.is_file():
-            raise ValueError(f"checkpoint {path} has a LoRA adapter but this policy has lora_r=0")
-        vh = path / VALUE_HEAD_FILE
-        if vh.is_file():
-            self.value_head.load_state_dict({k: v.to(self.device) for k, v in load_file(str(vh)).items()})
-        elif strict:
-            raise FileNotFoundError(f"{vh} missing")
-        meta = path / META_FILE
-        if meta.is_file():
-            self.version = int(json.loads(meta.read_text(encoding="utf-8")).get("version", self.version))
-
-    def _load_released(self, sd: dict[str, Tensor], strict: bool) -> None:
-        res = self.model.load_state_dict(sd, strict=False)
-        if res.unexpected_keys:
-            raise KeyError(f"unknown BLIP-2 tensors in checkpoint: {res.unexpected_keys[:5]}")
-        if strict:
-            missing = sorted(set(self.released_state_dict()) - set(sd))
-            if missing:
-                raise KeyError(f"checkpoint lacks trainable tensors {missing[:5]}")
-
-    def export_pretrained(self, path: str | Path, save_value_head: bool = True) -> Path:
-        """A full Hugging Face directory (LoRA merged into a copy of the LM, processor saved):
-        ``Blip2ForConditionalGeneration.from_pretrained(path)`` gives the same captions.
-        Also writes ``value_head.safetensors`` (ignored by ``from_pretrained``) unless told not to."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        lm = self.model.language_model
-        merged = copy.deepcopy(self._peft).merge_and_unload() if self._peft is not None else copy.deepcopy(lm)
-        self.model._modules["language_model"] = None
-        try:
-            shell = copy.deepcopy(self.model)
-        finally:
-            self.model._modules["language_model"] = lm
-        shell.language_model = merged
-        for p in shell.parameters():
-            p.requires_grad_(True)
-        shell.save_pretrained(str(path), safe_serialization=True)
-        self.processor.save_pretrained(str(path))
-        if save_value_head:
-            self._save_value_head(path)
-        del shell, merged
-        return path
+            return mean_token_logprobs(self.lm, seqs, self.pad_token_id, self.device, batch_size, empty_score)

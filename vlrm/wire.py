@@ -3,7 +3,7 @@
 At BLIP-2 size the trainable tensors (Q-Former, query tokens, projection, LoRA, value head) are
 about 114 M parameters in a few hundred tensors. Pickling a dict of bfloat16 torch tensors into
 the object store (numpy has no bfloat16) cost the learner 0.36-0.50 s per step on an H200, and
-every reader deserialised its own copy (BENCHMARKS.md, issue 4). Packed into one ``uint8``
+every reader deserialised its own copy (BENCHMARKS.md, "What does a weight push cost?"). Packed into one ``uint8``
 numpy array, the object is a single buffer: ``ray.put`` is one copy, and every actor on a node
 maps the same shared memory (numpy is zero-copy in Ray's object store) and moves it to its
 device in one transfer.

@@ -25,10 +25,10 @@ STEPS = {"reward_clip": 400, "eval_clip": 450, "vision": 500, "itm": 1600, "lm":
 # 150,000-200,000 captions (one in nine names it). At 800 steps of 128 whether it had was down to
 # seed and float rounding (teacher-forced, the true background preferred for 0.99 of test images
 # in one rebuild, 0.53-0.62 in five others), and RL from a captioner that cannot tell the
-# background stalls (BENCHMARKS.md, issue 3); at 1,600 steps two seeds gave 1.00 and 0.97.
+# background stalls (BENCHMARKS.md, pretrained models); at 1,600 steps two seeds gave 1.00 and 0.97.
 # ``captioner_grounding`` in metrics.json reports it on every rebuild.
 # The ITM trains on 64 images a step: 1,600 steps of 64 ranked better than 1,000 of 128 for less
-# time (BENCHMARKS.md, issue 2).
+# time (BENCHMARKS.md, pretrained models).
 ITM_BATCH = 64
 # Counterfactual ITM negatives per training scene (shapes_world.pretrain.itm.counterfactual_texts).
 ITM_COUNTERFACTUALS = 4
@@ -155,12 +155,13 @@ def evaluate_saved_captioner(captioner_dir: Path, evaluator_dir: Path, split: Pa
     """Greedy captions of a saved captioner on a split, scored by the evaluator CLIP."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    from vlrm.data import ImageDataset
+    from shapes_world.parse import attribute_scores
+    from vlrm.data import open_split
     from vlrm.evaluate import ClipEvaluator, evaluate_captions
 
     model = Blip2ForConditionalGeneration.from_pretrained(str(captioner_dir)).eval()
     processor = Blip2Processor.from_pretrained(str(captioner_dir))
-    ds = ImageDataset.open(split)
+    ds = open_split(split)
     images, _, _ = ds.images(list(range(len(ds))))
     captions = []
     with torch.no_grad():
@@ -168,7 +169,10 @@ def evaluate_saved_captioner(captioner_dir: Path, evaluator_dir: Path, split: Pa
             pix = processor.image_processor(images[i:i + 200], return_tensors="pt").pixel_values
             ids = model.generate(pixel_values=pix, max_new_tokens=max_new_tokens, do_sample=False)
             captions += [c.strip() for c in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-    result = evaluate_captions(captions, images, ClipEvaluator(str(evaluator_dir)), ds.scenes())
+    from shapes_world.world import Scene
+
+    truth = attribute_scores(captions, [Scene.from_dict(sc) for sc in scenes_of(ds)])
+    result = evaluate_captions(captions, images, ClipEvaluator(str(evaluator_dir)), truth)
     result["examples"] = captions[:8]
     return result
 
@@ -178,12 +182,17 @@ def captioner_grounding(captioner_dir: Path, split: Path, images: int = 300) -> 
     of word, how often the captioner, teacher-forced, prefers the true full description to the same
     one with that kind of word made wrong (0.5: it cannot tell)."""
     from shapes_world.ceiling import captioner_grounding as grounding
-    from vlrm.data import ImageDataset
+    from vlrm.data import open_split
 
-    ds = ImageDataset.open(split)
+    ds = open_split(split)
     n = min(images, len(ds))
     pil, _, _ = ds.images(list(range(n)))
-    return grounding(captioner_dir, pil, ds.scenes()[:n])
+    return grounding(captioner_dir, pil, scenes_of(ds)[:n])
+
+
+def scenes_of(split) -> list[dict]:
+    """The ground-truth scene dicts of a shapes-world split."""
+    return [json.loads(s) for s in split.column("scene")]
 
 
 if __name__ == "__main__":

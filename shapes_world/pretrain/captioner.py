@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2VisionModel, OPTForCausalLM, PreTrainedTokenizerBase
 
 from shapes_world.models import captioner_config
-from shapes_world.pretrain.common import LENGTH_GROUPS, Progress, SplitTensors, cosine_lr, query_outputs, seed_everything, vision_embeds
+from shapes_world.pretrain.common import LENGTH_GROUPS, Progress, SplitTensors, cosine_steps, query_outputs, seed_everything, vision_embeds
 from vlrm.length_groups import length_groups
 
 
@@ -59,9 +59,7 @@ def pretrain_lm(texts: list[str], tokenizer, config, *, seed: int, steps: int, b
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
     progress = Progress("lm", steps)
     lm.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, 50)
+    for step in cosine_steps(opt, steps, lr, 50):
         rows = torch.randint(0, len(texts), (batch_size,), generator=gen)
         loss = _grouped_mean(lambda r: _lm_loss(lm, *_batch(ids_all, labels_all, r), tokenizer.pad_token_id), labels_all, rows)
         opt.zero_grad(set_to_none=True)
@@ -104,9 +102,7 @@ def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, it
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     progress = Progress("captioner", steps)
     model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, 50)
+    for step in cosine_steps(opt, steps, lr, 50):
         rows = torch.randint(0, n, (batch_size,), generator=gen)
         which = torch.randint(0, k, (batch_size,), generator=gen)
         ids, labels = ids_all[rows, which], labels_all[rows, which]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from shapes_world.pretrain.common import (IMAGE_MEAN, IMAGE_STD, LENGTH_GROUPS, Progress, SplitTensors, cosine_lr, normalize,
+from shapes_world.pretrain.common import (IMAGE_MEAN, IMAGE_STD, LENGTH_GROUPS, Progress, SplitTensors, cosine_steps, normalize,
                                           seed_everything)
 from vlrm.clip_text import encode_text
 
@@ -126,9 +126,7 @@ def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, b
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     progress = Progress(name, steps)
     model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup)
+    for step in cosine_steps(opt, steps, lr, warmup):
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         alt = torch.randint(0, k, (batch_size,), generator=gen)
         img = model.encode_image(normalize(train.images[idx]).to(device), normalize=True)

@@ -6,6 +6,7 @@ import json
 import math
 import random
 import time
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,14 @@ def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def cosine_steps(opt: Any, steps: int, base: float, warmup: int):
+    """``range(steps)``, with every step's cosine learning rate set on ``opt`` first."""
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, base, warmup)
+        yield step
 
 
 class Progress:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import Blip2ForImageTextRetrieval, Blip2VisionModel, PreTrainedTokenizerBase
 
 from shapes_world.models import itm_config
-from shapes_world.pretrain.common import (LENGTH_GROUPS, Progress, SplitTensors, cosine_lr, query_outputs, seed_everything,
+from shapes_world.pretrain.common import (LENGTH_GROUPS, Progress, SplitTensors, cosine_steps, query_outputs, seed_everything,
                                           vision_embeds)
 from shapes_world.world import Scene, alt_text, perturb_scene
 from vlrm.length_groups import in_length_groups
@@ -121,9 +121,7 @@ def train_itm(train: SplitTensors, tokenizer: PreTrainedTokenizerBase, vision: B
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     progress = Progress("itm", steps)
     model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup)
+    for step in cosine_steps(opt, steps, lr, warmup):
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         cols = [torch.randint(0, k, (batch_size,), generator=gen)]
         if counterfactuals:

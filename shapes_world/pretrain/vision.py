@@ -34,7 +34,7 @@ class Blip2VisionTower(nn.Module):
     ``position_head`` reads each output token's own index back (``clip.position_loss``). CLIP
     training alone needs only the [CLS] token, and left the other tokens' positions blurred
     (linearly decodable 0.84): the Q-Former, which reads the tokens by attention, then cannot tell
-    which cell holds what (BENCHMARKS.md, issue 3). The head is used only in stage 0.
+    which cell holds what (BENCHMARKS.md, "What limits the truth of the tuned captions?"). The head is used only in stage 0.
     """
 
     def __init__(self, image_size: int, embed_dim: int):
