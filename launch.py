@@ -4,6 +4,8 @@
     vlrm train --config configs/shapes.yaml --mode local     # single process, no Ray
     vlrm train --resume runs/latest [--total_steps 400]      # continue a run
     vlrm train --help                                        # every config key
+    vlrm evaluate --model runs/latest --data dataset_coco.json --split test --preset vlrm
+    vlrm caption --model runs/latest --out captions.jsonl photos/
     vlrm pretrain-shapes --data data/shapes --out models/shapes
     vlrm make-shapes --out data/shapes                       # write the shapes world only
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from vlrm.config import ConfigError, format_help, load_config, parse_cli, peel_option, split_cli
+from vlrm.data import DatasetError
 from vlrm.registry import PluginError, load_target
 
 __all__ = ["main", "train", "peel_resume", "ENGINES"]
@@ -68,8 +71,22 @@ def _make_shapes(argv: Sequence[str]) -> None:
     make(list(argv))
 
 
+def _evaluate(argv: Sequence[str]) -> None:
+    from vlrm.eval_command import main as evaluate
+
+    evaluate(argv)
+
+
+def _caption(argv: Sequence[str]) -> None:
+    from vlrm.captioning import main as caption
+
+    caption(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], object], str]] = {
     "train": (train, "train a captioner with RL (the Ray actor-learner system, or --mode local)"),
+    "evaluate": (_evaluate, "caption a dataset split and score it (CLIP Recall, CLIPScore, BLEU/METEOR/ROUGE-L/CIDEr, ...)"),
+    "caption": (_caption, "caption image files, folders or globs into JSONL"),
     "pretrain-shapes": (_pretrain_shapes, "rebuild the four pretrained tiny models of the shapes world"),
     "make-shapes": (_make_shapes, "write the shapes world (Parquet splits) without training"),
 }
@@ -93,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         COMMANDS[name][0](rest)
-    except (ConfigError, PluginError, FileNotFoundError) as e:
+    except (ConfigError, PluginError, FileNotFoundError, DatasetError) as e:
         print(f"vlrm {name}: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # argparse's own usage errors (2) and --help (0)

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vlrm.config import LearnerConfig, PolicyConfig, RewardConfig, from_dict
+from vlrm.config import LearnerConfig, PolicyConfig, from_dict
 from vlrm.data import DatasetError, open_split, split_path
 from vlrm.policy import CaptionPolicy
 from vlrm.schema import RolloutTensors

@@ -336,8 +336,9 @@ class LearnerWorker:
         with self._lock:
             extra = dict(extra or {})
             extra.setdefault("learner_totals", dict(self.totals))
+            keep = self.cfg.learner.keep_checkpoints if keep_last is None else keep_last
             path = save_training_checkpoint(self.run_dir, self.policy, self.updater, _SamplerState(sampler_state),
-                                            self.step, extra=extra, keep_last=keep_last)
+                                            self.step, extra=extra, keep_last=keep or None)
             return str(path)
 
     def export_pretrained(self, path: str) -> str:

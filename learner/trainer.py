@@ -48,6 +48,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _eta(done_steps: int, done_seconds: float, steps_left: int, seconds_left: float | None) -> str:
+    """Time to the end of training: the steps left at the rate so far, or the time budget left."""
+    left = steps_left * done_seconds / max(done_steps, 1)
+    if seconds_left is not None:
+        left = min(left, max(seconds_left, 0.0))
+    return f"{int(left // 60)}m{int(left % 60):02d}s"
+
+
 def _numbers(prefix: str, d: dict) -> dict:
     return {f"{prefix}{k}": v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -85,7 +93,7 @@ def run_training(cfg: RunConfig, engine_cls: Callable[..., Any], resume: str | P
             print(f"[vlrm] resumed at step {step} ({sampler})", flush=True)
         logger = MetricsLogger(ctx.dir, resume_step=step if ckpt is not None else None)
         ev, lc = cfg.eval, cfg.learner
-        start_step, samples = step, 0
+        start_step, start_seconds = step, train_seconds
         saved_at = step if ckpt is not None else -1
         last_print = [0.0]
 
@@ -99,9 +107,8 @@ def run_training(cfg: RunConfig, engine_cls: Callable[..., Any], resume: str | P
             saved_at = at_step
 
         def after_step(stats: dict, at: int, dt: float, seconds: float, extra: dict) -> None:
-            nonlocal samples
             rows = int(stats.get("consumed", 0)) + int(stats.get("dropped_for_lag", 0))
-            samples += rows
+            samples = engine.acc.consumed + engine.acc.dropped_for_lag  # this run's, batches dropped whole too
             m: dict[str, Any] = {"reward": stats.get("reward")}
             m |= {k: v for k, v in stats.items() if k.startswith("r/")}
             m |= _numbers("learner/", {k: v for k, v in stats.items() if not k.startswith("r/")
@@ -117,7 +124,9 @@ def run_training(cfg: RunConfig, engine_cls: Callable[..., Any], resume: str | P
             now = time.perf_counter()
             if now - last_print[0] >= lc.print_every_s or "val/clip_recall@1" in m or at == cfg.total_steps:
                 last_print[0] = now
-                print(progress_line(at, cfg.total_steps, m, extra_keys=("learner/loss", "caption_words", "policy_lag")),
+                print(progress_line(at, cfg.total_steps, m, extra_keys=("learner/loss", "caption_words", "policy_lag"),
+                                    extra={"eta": _eta(at - start_step, seconds - start_seconds, cfg.total_steps - at,
+                                                       None if cfg.time_budget_s is None else cfg.time_budget_s - seconds)}),
                       flush=True)
             if lc.checkpoint_every and at % lc.checkpoint_every == 0:
                 checkpoint(at, seconds)
@@ -141,6 +150,7 @@ def run_training(cfg: RunConfig, engine_cls: Callable[..., Any], resume: str | P
         after = engine.evaluate(ev.split, ev.gallery_size)
         write_json({"before": before, "after": after}, ctx.eval_path)
         acc = engine.acc
+        samples = acc.consumed + acc.dropped_for_lag
         summary = {"mode": cfg.mode, "steps": step, "train_seconds": train_seconds, "samples": samples,
                    "consumed": acc.consumed, "dropped": acc.dropped_for_lag, "bad_images": acc.bad_images,
                    "samples_per_s": samples / max(train_seconds, 1e-9), "rollout_actors": cfg.rollout.num_actors,

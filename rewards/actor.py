@@ -19,7 +19,7 @@ import concurrent.futures
 import os
 import socket
 import time
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import pyarrow as pa
 import torch

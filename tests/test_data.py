@@ -3,6 +3,7 @@ by path, the shapes world as a source with its ground truth, plugins by import p
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -92,3 +93,32 @@ def test_the_shapes_source_never_writes_over_other_data(tmp_path):
     with pytest.raises(DatasetError, match="not a shapes world.*data.source"):
         open_source(cfg).prepare()
     assert pq.read_metadata(tmp_path / "train.parquet").num_rows == 4  # untouched
+
+
+def _readme_block(marker: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index(marker)
+    return text[start:text.index("```", start)]
+
+
+def test_the_readmes_extension_examples_run(tmp_path, monkeypatch):
+    """The README's reward and data-source examples, as written there."""
+    import torch
+
+    from rewards.combine import build_reward
+
+    (tmp_path / "my_rewards.py").write_text(_readme_block("# my_rewards.py"))
+    (tmp_path / "my_source.py").write_text(_readme_block("# my_source.py"))
+    monkeypatch.chdir(tmp_path)
+    cfg = from_dict({"reward": {"components": {"clip": {"weight": 0.0}, "bad": {"weight": 0.0}, "repeat": {"weight": 0.0},
+                                               "brevity": {"target": "my_rewards.py:brevity", "weight": 0.5,
+                                                           "target_words": 10}}}}).reward
+    out = build_reward(cfg, "unused")([None], ["a b c"])
+    assert out.components["brevity"].tolist() == [-7.0] and torch.isclose(out.total, torch.tensor([-3.5])).all()
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(_png(i))
+    (tmp_path / "train.csv").write_text("path\n" + "".join(f"{tmp_path / 'imgs' / f'{i}.png'}\n" for i in range(2)))
+    src = open_source(from_dict({"data": {"source": "my_source.py:CsvImages", "root": str(tmp_path)}}).data)
+    images, kept, errors = src.split("train").images([0, 1])
+    assert len(images) == 2 and kept == [0, 1] and not errors

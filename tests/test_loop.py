@@ -120,6 +120,13 @@ def test_run_local_writes_everything(paths, tmp_path):
     assert recs[-1]["bad_images"] == summary["bad_images"]
 
 
+def test_checkpoints_are_pruned_to_the_newest(paths, tmp_path):
+    world, cap, clip = paths
+    run = run_local(_cfg(world, cap, clip, tmp_path, "pruned", 4, learner__checkpoint_every=1,
+                         learner__keep_checkpoints=2, eval__val_every=0))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
+
+
 def test_resume_continues_exactly(paths, tmp_path):
     """4 steps straight vs 2 steps, stop, resume to 4 (the latter two through launch.py)."""
     import launch

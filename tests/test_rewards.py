@@ -12,7 +12,6 @@ from PIL import Image
 
 from rewards.combine import CombinedReward, RewardError, RewardOutput, build_reward
 from vlrm.registry import PluginError
-from vlrm.config import RewardConfig
 
 
 def _images(n: int, size: int = 64, seed: int = 0) -> list[Image.Image]:

@@ -267,6 +267,10 @@ def test_run_distributed(paths, tmp_path, ray_local, mode):
     assert set(ev) == {"before", "after"} and 0 <= ev["after"]["clip_recall@1"] <= 1
     acc = _check_accounting(run)
     assert acc["final_step"] == 4 and acc["discarded_at_stop"] == 0
+    from learner.trainer import SUMMARY_KEYS
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary) == set(SUMMARY_KEYS) and summary["mode"] == mode and summary["accounting_holds"]
     recs = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in recs] == [0, 1, 2, 3, 4]
     assert "val/clip_recall@1" in recs[2] and "val/clip_recall@1" in recs[4]
@@ -313,12 +317,10 @@ def test_reward_plugin_from_a_file_runs_in_the_ray_reward_actors(paths, tmp_path
         "    def brevity(images, captions):\n"
         "        return torch.tensor([-abs(len(c.split()) - target_words) for c in captions], dtype=torch.float32)\n"
         "    return brevity\n")
-    cfg = _cfg(paths, tmp_path, "plugin", 3, mode="async")
+    cfg = _cfg(paths, tmp_path, "plugin", 3, mode="async", reward__components={
+        "clip": {"weight": 0.0}, "itm": {"weight": 0.0}, "bad": {"weight": 0.0}, "repeat": {"weight": 0.0},
+        "brevity": {"target": f"{plugin}:factory", "weight": 2.0, "target_words": 4}})
     cfg.eval.val_every = 0
-    cfg = from_dict(json.loads(json.dumps(__import__("dataclasses").asdict(cfg))) | {"reward": json.loads(json.dumps(
-        __import__("dataclasses").asdict(cfg.reward))) | {"components": {
-            "clip": {"weight": 0.0}, "itm": {"weight": 0.0}, "bad": {"weight": 0.0}, "repeat": {"weight": 0.0},
-            "brevity": {"target": f"{plugin}:factory", "weight": 2.0, "target_words": 4}}}})
     run = run_distributed(cfg)
     recs = read_metrics(run / "metrics.jsonl")
     assert len(recs) == 3 and all("r/brevity" in r for r in recs)
@@ -326,6 +328,22 @@ def test_reward_plugin_from_a_file_runs_in_the_ray_reward_actors(paths, tmp_path
         assert r["reward"] == pytest.approx(2.0 * r["r/brevity"], abs=1e-5) and r["r/brevity"] <= 0
     assert not any(k in recs[-1] for k in ("r/clip", "r/itm"))
     _check_accounting(run)
+
+
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-karpathy"
+
+
+@pytest.mark.skipif(not FLICKR.is_dir(), reason="the shared Flickr8k sample is not on this machine")
+def test_async_run_on_real_photos_from_a_karpathy_file(paths, tmp_path, ray_local):
+    """A few async steps on the Flickr8k photos (read in place) with tiny models of the production
+    classes: the rollout actors stream the train split, accounting is exact."""
+    cfg = _cfg(paths, tmp_path, "flickr", 3, mode="async", data__source="karpathy",
+               data__root=str(FLICKR / "dataset_flickr8k.json"), eval__val_every=0)
+    run = run_distributed(cfg)
+    acc = _check_accounting(run)
+    assert acc["final_step"] == 3 and acc["bad_images"] == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["after"]["gallery_size"] == 4 and "attribute_precision" not in ev["after"]
 
 
 def test_async_run_with_two_learner_ranks(paths, tmp_path, ray_local):

@@ -338,7 +338,7 @@ def to_flat_dict(cfg: Any) -> dict[str, Any]:
             if dataclasses.is_dataclass(v):
                 walk(v, prefix + f.name + ".")
             elif f.name == "components":
-                out |= {f"{prefix}components.{k}": dataclasses.asdict(c) for k, c in v.items()}
+                out.update({f"{prefix}components.{k}": dataclasses.asdict(c) for k, c in v.items()})
             else:
                 out[prefix + f.name] = v
 

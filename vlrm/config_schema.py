@@ -55,8 +55,11 @@ class ConfigError(ValueError):
 @_section
 class DataConfig:
     source: Annotated[str, "data source: 'shapes' (the generated world), 'parquet' (tables with an image column), "
-                           "'folder' (image files), or 'pkg.module:Class'"] = "shapes"
-    root: Annotated[str, "folder holding the source's splits (split.parquet or split/ folders)"] = "data/shapes"
+                           "'folder' (image files), 'karpathy' (a COCO/Flickr split file), or 'pkg.module:Class'"] = "shapes"
+    root: Annotated[str, "where the source's splits are: a folder (split.parquet or split/), or the Karpathy split "
+                         "file"] = "data/shapes"
+    image_root: Annotated[Optional[str], "karpathy source: the images folder; null: images/ beside the split file, "
+                                         "or its folder"] = None
     train_split: Annotated[str, "split the rollout actors draw training images from"] = "train"
     val_split: Annotated[str, "split used for periodic validation during training"] = "val"
     test_split: Annotated[str, "split used for the final before/after evaluation"] = "test"
@@ -230,6 +233,7 @@ class LearnerConfig:
                                        "pinning"] = field(default_factory=list)
     checkpoint_every: Annotated[int, "save a checkpoint every this many steps; 0 disables (a final one is still "
                                      "saved)"] = 50
+    keep_checkpoints: Annotated[int, "checkpoints kept in the run folder, the newest; 0 keeps every one"] = 3
     log_every: Annotated[int, "write metrics every this many steps"] = 1
     print_every_s: Annotated[float, "seconds between progress lines on the console"] = 10.0
     data_parallel_workers: Annotated[int, "learner ranks in data parallel: each updates on its share of every "
@@ -260,6 +264,8 @@ class ClusterConfig:
                                       "cluster"] = None
     dashboard_host: Annotated[str, "interface the Ray dashboard binds to (0.0.0.0 exposes it)"] = "127.0.0.1"
     include_dashboard: Annotated[bool, "start the Ray dashboard with a local cluster"] = True
+    node_ip_address: Annotated[str, "address a local cluster's Ray processes (GCS, raylet, workers) listen on; "
+                                    "127.0.0.1 keeps them off the network"] = "127.0.0.1"
     num_cpus: Annotated[Optional[int], "CPUs of a local cluster; null: all of the machine's"] = None
     namespace: Annotated[str, "Ray namespace of the run's named actors"] = "vlrm"
 
@@ -347,6 +353,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     at_least("learner.queue_size", l.queue_size, 1)
     at_least("learner.checkpoint_every", l.checkpoint_every, 0, " (0 disables)")
     at_least("learner.log_every", l.log_every, 1)
+    at_least("learner.keep_checkpoints", l.keep_checkpoints, 0, " (0 keeps every one)")
     at_least("learner.print_every_s", l.print_every_s, 0)
     at_least("learner.data_parallel_workers", l.data_parallel_workers, 1)
     need(l.data_parallel_workers == 1 or cfg.mode != "local", "learner.data_parallel_workers",

@@ -8,6 +8,8 @@ knows of the images (the shapes world's scenes; nothing for plain images). Built
 * ``parquet``: ``root/<split>.parquet``, tables with an ``image`` column of encoded bytes (and
   any other columns);
 * ``folder``: ``root/<split>/``, a folder tree of image files;
+* ``karpathy``: a Karpathy split file of COCO / Flickr8k / Flickr30k (:mod:`vlrm.karpathy`), whose
+  human sentences are the references of evaluation;
 * ``shapes``: the generated shapes world (:mod:`shapes_world.source`);
 * any ``"pkg.module:Class"`` / ``"file.py:Class"`` taking the :class:`vlrm.config.DataConfig`.
 
@@ -165,6 +167,15 @@ class FolderSplit(ImageSplit):
         if not self.paths:
             raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
 
+    @classmethod
+    def of_files(cls, paths: Sequence[str | Path], source: str) -> "FolderSplit":
+        """A split of the given image files, in that order."""
+        split = cls.__new__(cls)
+        split.path, split.source, split.paths = Path(source), str(source), [str(p) for p in paths]
+        if not split.paths:
+            raise DatasetError(f"no images listed in {source}")
+        return split
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -256,7 +267,7 @@ class FolderSource(DataSource):
 
 
 SOURCES = {"parquet": "vlrm.data:ParquetSource", "folder": "vlrm.data:FolderSource",
-           "shapes": "shapes_world.source:ShapesWorldSource"}
+           "karpathy": "vlrm.karpathy:KarpathySource", "shapes": "shapes_world.source:ShapesWorldSource"}
 
 
 def open_source(cfg: Any) -> DataSource:

@@ -8,7 +8,6 @@ open_clip's own tokenizer, and saved in open_clip's local-dir layout
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import open_clip

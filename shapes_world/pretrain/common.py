@@ -85,7 +85,9 @@ class Progress:
         if now - self.last >= self.every or step == self.total - 1:
             self.last = now
             vals = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            print(f"[{self.name}] step {step + 1}/{self.total} {vals} ({now - self.start:.0f}s)", flush=True)
+            eta = (now - self.start) / (step + 1) * (self.total - step - 1)
+            print(f"[{self.name}] step {step + 1}/{self.total} {vals} ({now - self.start:.0f}s, eta {eta:.0f}s)",
+                  flush=True)
 
 
 @torch.no_grad()
