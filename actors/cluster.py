@@ -36,10 +36,10 @@ def init_ray(cfg: RunConfig) -> bool:
       ``working_dir`` so that remote workers can import it.
     * ``RAY_ADDRESS`` in the environment (``ray job submit`` sets it): join that cluster; the job's
       own runtime environment applies.
-    * otherwise a local cluster whose processes listen on ``cluster.node_ip_address`` (loopback by
-      default), with the dashboard on ``cluster.dashboard_host`` (``cluster.include_dashboard``)
-      and ``cluster.num_cpus`` CPUs; when that is null, at least the CPUs the actors ask for (the
-      actors then share the machine's cores).
+    * otherwise a local cluster with the dashboard on ``cluster.dashboard_host``
+      (``cluster.include_dashboard``) and ``cluster.num_cpus`` CPUs; when that is null, at least
+      the CPUs the actors ask for (the actors then share the machine's cores). Ray 2.60's own
+      servers listen on every interface whatever the node address (README, "Security defaults").
     """
     import ray
 
@@ -61,7 +61,7 @@ def init_ray(cfg: RunConfig) -> bool:
             print(f"[vlrm] warning: cluster.num_cpus={num_cpus} but the actors ask for {need} CPUs; "
                   "some actors will wait for resources", flush=True)
         info = ray.init(num_cpus=num_cpus, include_dashboard=c.include_dashboard, dashboard_host=c.dashboard_host,
-                        _node_ip_address=c.node_ip_address, **common)
+                        **common)
         url = getattr(info, "dashboard_url", None)
         if c.include_dashboard and url:
             print(f"[vlrm] Ray dashboard: http://{url} (metrics: vlrm_*)", flush=True)

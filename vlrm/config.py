@@ -18,7 +18,6 @@ import dataclasses
 import difflib
 import sys
 import time
-import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,6 +28,8 @@ from pydantic import TypeAdapter, ValidationError
 from vlrm.config_schema import *  # noqa: F403 - the tree is part of this module's API
 from vlrm.config_schema import BUILTIN_COMPONENTS, ConfigError, PluginComponent, RunConfig, validate
 from vlrm.config_schema import __all__ as _TREE
+from vlrm.config_docs import bare as _bare, dump_yaml, field_docs, format_help, hints as _hints, save_config
+from vlrm.config_docs import type_name as _type_name
 
 __all__ = list(_TREE) + ["load_config", "parse_cli", "split_cli", "from_dict", "to_dict", "to_flat_dict",
                          "save_config", "dump_yaml", "resolve", "format_help", "field_docs", "peel_option"]
@@ -39,36 +40,6 @@ _FLAG = object()  # a bare --key on the command line
 # --------------------------------------------------------------------------------------
 # The tree's types and documentation
 # --------------------------------------------------------------------------------------
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, include_extras=True)
-
-
-def _bare(tp: Any) -> Any:
-    """The type without its ``Annotated`` documentation."""
-    return typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """``{field name: its one-line description}`` of a config dataclass."""
-    out = {}
-    for name, tp in _hints(cls).items():
-        meta = getattr(tp, "__metadata__", ())
-        out[name] = next((m for m in meta if isinstance(m, str)), "")
-    return out
-
-
-def _type_name(tp: Any) -> str:
-    tp = _bare(tp)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Literal:
-        return "|".join(map(str, args))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is not None:
-        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
-    return getattr(tp, "__name__", str(tp))
 
 
 def _field_type(path: Sequence[str]) -> Any:
@@ -281,11 +252,24 @@ def _component(name: str, raw: Mapping, sources: _Sources) -> Any:
         raise _convert(e, path, sources) from None
 
 
+def _drop_empty_sections(data: dict, cls: type) -> dict:
+    """``section:`` with nothing under it (YAML's null) means the section's defaults."""
+    hints = _hints(cls)
+    for k in list(data):
+        tp = _bare(hints.get(k, Any))
+        if dataclasses.is_dataclass(tp):
+            if data[k] is None:
+                del data[k]
+            elif isinstance(data[k], dict):
+                _drop_empty_sections(data[k], tp)
+    return data
+
+
 def _build(data: Mapping, sources: _Sources) -> RunConfig:
     if not isinstance(data, Mapping):
         raise ConfigError(f"the config must be a mapping, got {type(data).__name__}")
     _check_keys(data, (), sources)
-    data = copy.deepcopy(dict(data))
+    data = _drop_empty_sections(copy.deepcopy(dict(data)), RunConfig)
     reward = data.get("reward")
     comps_raw = {name: dataclasses.asdict(cls()) for name, cls in BUILTIN_COMPONENTS.items()}
     if isinstance(reward, dict) and "components" in reward:
@@ -426,74 +410,3 @@ def resolve(cfg: RunConfig, now: float | None = None) -> RunConfig:
     if out.learner.value_lr is None:
         out.learner.value_lr = out.learner.lr
     return out
-
-
-# --------------------------------------------------------------------------------------
-# Help text and YAML output
-# --------------------------------------------------------------------------------------
-
-
-def _inline(value: Any) -> str:
-    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True, sort_keys=False)
-    return text[: -len("\n...\n")].strip() if text.endswith("\n...\n") else text.strip()
-
-
-def format_help(prog: str = "vlrm train") -> str:
-    """Usage text listing every dotted key with its type, default and description."""
-    lines = [f"usage: {prog} [--config FILE.yaml] [--resume RUN] [--section.key=VALUE | --section.key VALUE ...]", "",
-             "Values are YAML: numbers, true/false, null, [a, b], {k: v}. Later sources win: defaults < --config "
-             "file < overrides."]
-
-    def walk(cls: type, obj: Any, prefix: str) -> None:
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            tp, v = _bare(_hints(cls)[f.name]), getattr(obj, f.name, None)
-            if dataclasses.is_dataclass(tp):
-                lines.extend(["", f"{prefix}{f.name}: {docs[f.name]}"])
-                walk(tp, v, f"{prefix}{f.name}.")
-            elif f.name == "components":
-                lines.append(f"  --{prefix}components.NAME.* : {docs[f.name]}")
-                for name, comp in v.items():
-                    walk(type(comp), comp, f"{prefix}components.{name}.")
-            else:
-                default = "required" if v is None and f.default is dataclasses.MISSING and \
-                    f.default_factory is dataclasses.MISSING else f"default {_inline(v)}"
-                lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}, {default})")
-                lines.append(f"        {docs[f.name]}")
-
-    walk(RunConfig, RunConfig(), "")
-    lines += ["", "  --reward.components.NAME.target 'pkg.module:factory' (or 'file.py:factory') adds a reward of "
-              "your own; its other keys are the factory's keyword arguments."]
-    return "\n".join(lines)
-
-
-def dump_yaml(cfg: Any, comments: bool = True) -> str:
-    """The config as YAML text: sections as blocks, one key per line, each with its description."""
-    out: list[str] = []
-
-    def walk(obj: Any, indent: str) -> None:
-        docs = field_docs(type(obj)) if comments else {}
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            doc = f"  # {docs[f.name]}" if docs.get(f.name) else ""
-            if dataclasses.is_dataclass(v):
-                out.append(f"{indent}{f.name}:{doc}")
-                walk(v, indent + "  ")
-            elif f.name == "components" and isinstance(v, dict):
-                out.append(f"{indent}{f.name}:{doc}")
-                for name, comp in v.items():
-                    out.append(f"{indent}  {name}:")
-                    walk(comp, indent + "    ")
-            else:
-                out.append(f"{indent}{f.name}: {_inline(v)}{doc}")
-
-    walk(cfg, "")
-    return "\n".join(out) + "\n"
-
-
-def save_config(cfg: Any, path: str | Path, comments: bool = True) -> Path:
-    """Write the config as YAML (``load_config(path)`` reads it back equal); returns the path."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(dump_yaml(cfg, comments=comments), encoding="utf-8")
-    return p

@@ -264,8 +264,6 @@ class ClusterConfig:
                                       "cluster"] = None
     dashboard_host: Annotated[str, "interface the Ray dashboard binds to (0.0.0.0 exposes it)"] = "127.0.0.1"
     include_dashboard: Annotated[bool, "start the Ray dashboard with a local cluster"] = True
-    node_ip_address: Annotated[str, "address a local cluster's Ray processes (GCS, raylet, workers) listen on; "
-                                    "127.0.0.1 keeps them off the network"] = "127.0.0.1"
     num_cpus: Annotated[Optional[int], "CPUs of a local cluster; null: all of the machine's"] = None
     namespace: Annotated[str, "Ray namespace of the run's named actors"] = "vlrm"
 
