@@ -122,3 +122,51 @@ def test_the_readmes_extension_examples_run(tmp_path, monkeypatch):
     src = open_source(from_dict({"data": {"source": "my_source.py:CsvImages", "root": str(tmp_path)}}).data)
     images, kept, errors = src.split("train").images([0, 1])
     assert len(images) == 2 and kept == [0, 1] and not errors
+
+
+def _encoded(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _bomb_png(side: int = 20000) -> bytes:
+    """A PNG whose header says side x side pixels (the data is a stub): over PIL's bomb limit."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_every_kind_of_image_is_decoded_or_named():
+    import numpy as np
+
+    from vlrm.data import decode_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: shown 20 wide x 30 high
+    good = {
+        "grayscale": _encoded(Image.new("L", (7, 5), 128)),
+        "cmyk": _encoded(Image.new("CMYK", (7, 5), (0, 255, 255, 0)), "JPEG"),
+        "rgba": _encoded(Image.new("RGBA", (7, 5), (255, 0, 0, 0))),
+        "palette": _encoded(Image.new("RGB", (7, 5), (0, 0, 255)).convert("P")),
+        "16-bit": _encoded(Image.fromarray(np.full((5, 7), 65535, dtype=np.uint16))),
+        "exif-rotated": _encoded(Image.new("RGB", (30, 20), (0, 255, 0)), "JPEG", exif=exif),
+        "1x1": _encoded(Image.new("RGB", (1, 1), (9, 9, 9))),
+    }
+    out = {k: decode_image(v, k) for k, v in good.items()}
+    assert all(im.mode == "RGB" for im in out.values())
+    assert out["rgba"].getpixel((0, 0)) == (0, 0, 0)  # transparent on black
+    assert out["16-bit"].getpixel((0, 0)) == (255, 255, 255) and out["grayscale"].getpixel((0, 0)) == (128,) * 3
+    assert out["exif-rotated"].size == (20, 30) and out["1x1"].size == (1, 1)
+    assert out["cmyk"].getpixel((3, 2))[0] > 200  # CMYK (0, 255, 255, 0) is red
+    png = _encoded(Image.new("RGB", (64, 64), (1, 2, 3)))
+    bad = {"zero-byte": b"", "not-an-image": b"hello, world", "truncated": png[: len(png) // 2],
+           "bomb": _bomb_png()}
+    for name, data in bad.items():
+        with pytest.raises(ImageDecodeError, match=f"at {name}"):
+            decode_image(data, name)

@@ -27,9 +27,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlrm.registry import resolve
 
@@ -49,12 +50,26 @@ class DatasetError(ValueError):
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
+    """An RGB image from encoded bytes: EXIF orientation applied; grayscale, palette, RGBA (on
+    black), CMYK and 16-bit images converted. Empty, truncated or non-image bytes and images over
+    PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) raise :class:`ImageDecodeError`
+    naming ``where``."""
+    if not data:
+        raise ImageDecodeError(f"cannot decode image at {where}: the file is empty (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: scale to 8 bits
+            img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) / 257.0, 0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            flat = Image.new("RGB", img.size)
+            flat.paste(img, mask=img.getchannel("A"))
+            return flat
         return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageDecodeError(f"cannot decode image at {where}: {e}") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"cannot decode image at {where}: {type(e).__name__}: {e}") from e
 
 
 class ImageSplit:
