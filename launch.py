@@ -6,6 +6,7 @@
     vlrm train --help                                        # every config key
     vlrm evaluate --model runs/latest --data dataset_coco.json --split test --preset vlrm
     vlrm caption --model runs/latest --out captions.jsonl photos/
+    vlrm export runs/latest --out exported/
     vlrm pretrain-shapes --data data/shapes --out models/shapes
     vlrm make-shapes --out data/shapes                       # write the shapes world only
 
@@ -83,10 +84,17 @@ def _caption(argv: Sequence[str]) -> None:
     caption(argv)
 
 
+def _export(argv: Sequence[str]) -> None:
+    from vlrm.export import main as export
+
+    export(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], object], str]] = {
     "train": (train, "train a captioner with RL (the Ray actor-learner system, or --mode local)"),
     "evaluate": (_evaluate, "caption a dataset split and score it (CLIP Recall, CLIPScore, BLEU/METEOR/ROUGE-L/CIDEr, ...)"),
     "caption": (_caption, "caption image files, folders or globs into JSONL"),
+    "export": (_export, "a run as a Hugging Face directory with a model card and a released-style delta"),
     "pretrain-shapes": (_pretrain_shapes, "rebuild the four pretrained tiny models of the shapes world"),
     "make-shapes": (_make_shapes, "write the shapes world (Parquet splits) without training"),
 }

@@ -17,7 +17,8 @@ from vlrm.config import RunConfig
 __all__ = ["init_ray", "localize_paths", "role_resources", "PROJECT_ROOT"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PATH_KEYS = (("data", "root"), ("policy", "model_path"), ("eval", "evaluator_path"))
+PATH_KEYS = (("data", "root"), ("data", "image_root"), ("policy", "model_path"), ("policy", "init_from"),
+             ("eval", "evaluator_path"))
 WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", ".pytest_cache", "*.egg-info"]
 
 

@@ -77,7 +77,7 @@ def main() -> None:
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="vlrm-mem-"))
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; command: python benchmarks/bench_data_memory.py "
-          f"{' '.join(sys.argv[1:])}; 64x64 PNGs, {a.batches} random batches of 16, data.cache_mb {a.cache_mb}")
+          f"{' '.join(sys.argv[1:])}; 64x64 noise PNGs (12 KB each), {a.batches} random batches of 16, data.cache_mb {a.cache_mb}")
     print(f"{'source':<8}{'images':>9}{'RSS imports (MiB)':>19}{'opened':>9}{'read':>9}{'read / smallest':>17}")
     for kind in ("folder", "parquet"):
         first = None

@@ -76,6 +76,8 @@ class DataConfig:
 class PolicyConfig:
     model_path: Annotated[str, "BLIP-2 captioner: local directory or Hugging Face hub id"] = "models/shapes/captioner"
     dtype: Annotated[Dtype, "parameter/compute dtype of the policy"] = "float32"
+    init_from: Annotated[Optional[str], "a released-style delta (.pt read weights-only, or .safetensors: qformer.*, "
+                                        "query_tokens, language_projection.*) loaded onto model_path"] = None
     train_qformer: Annotated[bool, "train the Q-Former"] = True
     train_query_tokens: Annotated[bool, "train the learned query tokens"] = True
     train_projection: Annotated[bool, "train the Q-Former -> LM language projection"] = True

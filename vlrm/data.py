@@ -23,6 +23,7 @@ naming the file and row, and ``images(rows, skip_bad=True)`` skips such rows and
 from __future__ import annotations
 
 import io
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
@@ -178,15 +179,19 @@ class FolderSplit(ImageSplit):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.source = str(path)
-        self.paths = sorted(str(p) for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.paths:
+        found = []  # plain strings from os.walk, kept as one Arrow array: a few bytes over the paths' text
+        for folder, _, files in os.walk(self.path):
+            found.extend(os.path.join(folder, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)
+        found.sort()
+        self.paths = pa.array(found, pa.string())
+        if not len(self.paths):
             raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
 
     @classmethod
     def of_files(cls, paths: Sequence[str | Path], source: str) -> "FolderSplit":
         """A split of the given image files, in that order."""
         split = cls.__new__(cls)
-        split.path, split.source, split.paths = Path(source), str(source), [str(p) for p in paths]
+        split.path, split.source, split.paths = Path(source), str(source), pa.array([str(p) for p in paths], pa.string())
         if not split.paths:
             raise DatasetError(f"no images listed in {source}")
         return split
@@ -195,24 +200,24 @@ class FolderSplit(ImageSplit):
         return len(self.paths)
 
     def where(self, row: int) -> str:
-        return f"{self.paths[row]} (row {row})"
+        return f"{self.paths[row].as_py()} (row {row})"
 
     def _bytes_or_errors(self, rows: list[int]) -> list[Any]:
         out: list[Any] = []
         for r in rows:
             try:
-                out.append(Path(self.paths[r]).read_bytes())
+                out.append(Path(self.paths[r].as_py()).read_bytes())
             except OSError as e:  # deleted or unreadable since the listing
                 out.append(e)
         return out
 
     def image_bytes(self, rows: Sequence[int]) -> list[bytes]:
-        return [Path(self.paths[int(r)]).read_bytes() for r in rows]
+        return [Path(self.paths[int(r)].as_py()).read_bytes() for r in rows]
 
     def column(self, name: str, rows: Sequence[int] | None = None) -> list | None:
         if name != "path":
             return None
-        return list(self.paths) if rows is None else [self.paths[int(r)] for r in rows]
+        return self.paths.to_pylist() if rows is None else [self.paths[int(r)].as_py() for r in rows]
 
 
 def split_path(root: str | Path, split: str) -> Path:

@@ -3,6 +3,7 @@
     vlrm evaluate --model runs/latest --data ../data/dataset_coco.json --split test --preset vlrm
     vlrm evaluate --captions mine.jsonl --data images/ --clip ViT-B-32/openai --out eval.json
     vlrm evaluate --model base/ --compare runs/a runs/b --data data/shapes --split test
+    vlrm evaluate --model Salesforce/blip2-opt-2.7b --delta vlrm-blip2-opt-2.7b.pt --data dataset_coco.json
 
 ``--data`` is a Karpathy split file (images beside it unless ``--image-root`` says otherwise), a
 Parquet file, an image folder, or a folder of splits (a shapes world is recognised by its
@@ -98,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlrm evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="run folder, checkpoint folder, HF directory or hub id")
     p.add_argument("--captions", help="JSONL of {image or row, caption} made elsewhere, instead of --model")
+    p.add_argument("--delta", help="a released-style delta (.pt read weights-only, or .safetensors) loaded onto --model")
     p.add_argument("--compare", nargs="*", default=[], help="more models, side by side with --model")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default=None, help="split name (default test); train+restval joins Karpathy splits")
@@ -143,8 +145,11 @@ def main(argv: Sequence[str]) -> dict:
             rows.append(int(row))
             caps.append(str(r["caption"]))
         results[a.captions] = evaluate(caps, rows, split, source, clip, a.spice) | {"decoding": "given"}
-    for spec in ([a.model] if a.model else []) + list(a.compare):
+    for i, spec in enumerate(([a.model] if a.model else []) + list(a.compare)):
         policy = load_captioner(spec, a.device, a.dtype)
+        if a.delta and i == 0 and a.model:
+            policy.load_delta(a.delta)
+            spec = f"{spec} + {a.delta}"
         images, kept, errors = split.images(list(range(n)), skip_bad=True)
         caps = caption_images(policy, images, decoding, a.batch_size, progress=f"captioning ({spec})")
         results[spec] = evaluate(caps, kept, split, source, clip, a.spice) | {"decoding": decoding.label()}

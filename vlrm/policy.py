@@ -147,12 +147,16 @@ class CaptionPolicy(PolicyWeights, nn.Module):
 
     @classmethod
     def from_config(cls, cfg: PolicyConfig, device: str | torch.device = "cpu", **kwargs: Any) -> "CaptionPolicy":
-        """Load ``cfg.model_path`` (local directory or hub id) in ``cfg.dtype`` and wrap it."""
+        """Load ``cfg.model_path`` (local directory or hub id) in ``cfg.dtype``, then the delta
+        ``cfg.init_from`` if one is set, and wrap it."""
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
         model = Blip2ForConditionalGeneration.from_pretrained(cfg.model_path, dtype=torch_dtype(cfg.dtype))
         processor = Blip2Processor.from_pretrained(cfg.model_path)
-        return cls(model, processor, cfg, **kwargs).to(device)
+        policy = cls(model, processor, cfg, **kwargs)
+        if cfg.init_from:  # a released VLRM delta (or one this project exported) onto the base model
+            policy.load_delta(cfg.init_from)
+        return policy.to(device)
 
     def train(self, mode: bool = True) -> "CaptionPolicy":
         super().train(mode)

@@ -12,12 +12,34 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["PolicyWeights", "TRAINABLE_FILE", "ADAPTER_DIR", "VALUE_HEAD_FILE", "META_FILE"]
+__all__ = ["PolicyWeights", "read_delta", "TRAINABLE_FILE", "ADAPTER_DIR", "VALUE_HEAD_FILE", "META_FILE"]
 
 TRAINABLE_FILE = "trainable.safetensors"
 ADAPTER_DIR = "adapter"
 VALUE_HEAD_FILE = "value_head.safetensors"
 META_FILE = "policy.json"
+
+
+def read_delta(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a released-style delta (``qformer.*``, ``query_tokens``,
+    ``language_projection.*``): ``.safetensors``, or a torch state dict read with
+    ``torch.load(weights_only=True)``; a file that needs full unpickling is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no delta file at {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and the loader's own errors
+        raise ValueError(f"{path} cannot be read with torch.load(weights_only=True), so it is not loaded (it would "
+                         f"need unrestricted unpickling, which can run code): {type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise ValueError(f"{path} is not a state dict of named tensors")
+    return sd
 
 
 def _is_lora(name: str) -> bool:
@@ -133,6 +155,18 @@ class PolicyWeights:
         meta = path / META_FILE
         if meta.is_file():
             self.version = int(json.loads(meta.read_text(encoding="utf-8")).get("version", self.version))
+
+    def load_delta(self, path: str | Path) -> None:
+        """Load a released-VLRM-style delta onto this policy's base model (``strict=False``, as the
+        model card does): a ``.pt`` / ``.pth`` state dict read with ``torch.load(weights_only=True)``,
+        or a ``.safetensors`` file; tensors are cast to the model's dtype."""
+        sd = read_delta(path)
+        own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        bad = [f"{k}: {tuple(v.shape)} vs the model's {tuple(own[k].shape)}" for k, v in sd.items()
+               if k in own and own[k].shape != v.shape]
+        if bad:
+            raise ValueError(f"delta {path} is for another model: {bad[:3]}")
+        self._load_released({k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()}, strict=False)
 
     def _load_released(self, sd: dict[str, Tensor], strict: bool) -> None:
         res = self.model.load_state_dict(sd, strict=False)
