@@ -173,17 +173,27 @@ class ParquetSplit(ImageSplit):
         return values.to_pylist() if rows is None else values.take(pa.array(list(rows), pa.int64())).to_pylist()
 
 
+def _list_images(root: Path) -> np.ndarray:
+    """The image files under ``root``, sorted, as one fixed-width byte array (UTF-8): built one
+    directory at a time, so listing 100,000 files never holds 100,000 Python strings at once."""
+    chunks = []
+    for folder, _, files in os.walk(root):
+        names = [os.path.join(folder, f).encode() for f in files if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+        if names:
+            chunks.append(np.array(names))
+    if not chunks:
+        return np.array([], dtype="S1")
+    width = max(c.dtype.itemsize for c in chunks)
+    return np.sort(np.concatenate([c.astype(f"S{width}") for c in chunks]))  # UTF-8 byte order = text order
+
+
 class FolderSplit(ImageSplit):
     """A folder tree of image files; only the sorted paths are held."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.source = str(path)
-        found = []  # plain strings from os.walk, kept as one Arrow array: a few bytes over the paths' text
-        for folder, _, files in os.walk(self.path):
-            found.extend(os.path.join(folder, f) for f in files if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)
-        found.sort()
-        self.paths = pa.array(found, pa.string())
+        self.paths = _list_images(self.path)
         if not len(self.paths):
             raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
 
@@ -191,8 +201,9 @@ class FolderSplit(ImageSplit):
     def of_files(cls, paths: Sequence[str | Path], source: str) -> "FolderSplit":
         """A split of the given image files, in that order."""
         split = cls.__new__(cls)
-        split.path, split.source, split.paths = Path(source), str(source), pa.array([str(p) for p in paths], pa.string())
-        if not split.paths:
+        split.path, split.source = Path(source), str(source)
+        split.paths = np.array([str(p).encode() for p in paths]) if len(paths) else np.array([], dtype="S1")
+        if not len(split.paths):
             raise DatasetError(f"no images listed in {source}")
         return split
 
@@ -200,24 +211,27 @@ class FolderSplit(ImageSplit):
         return len(self.paths)
 
     def where(self, row: int) -> str:
-        return f"{self.paths[row].as_py()} (row {row})"
+        return f"{self.path_of(row)} (row {row})"
+
+    def path_of(self, row: int) -> str:
+        return self.paths[int(row)].decode()
 
     def _bytes_or_errors(self, rows: list[int]) -> list[Any]:
         out: list[Any] = []
         for r in rows:
             try:
-                out.append(Path(self.paths[r].as_py()).read_bytes())
+                out.append(Path(self.path_of(r)).read_bytes())
             except OSError as e:  # deleted or unreadable since the listing
                 out.append(e)
         return out
 
     def image_bytes(self, rows: Sequence[int]) -> list[bytes]:
-        return [Path(self.paths[int(r)].as_py()).read_bytes() for r in rows]
+        return [Path(self.path_of(r)).read_bytes() for r in rows]
 
     def column(self, name: str, rows: Sequence[int] | None = None) -> list | None:
         if name != "path":
             return None
-        return self.paths.to_pylist() if rows is None else [self.paths[int(r)].as_py() for r in rows]
+        return [self.path_of(r) for r in (range(len(self)) if rows is None else rows)]
 
 
 def split_path(root: str | Path, split: str) -> Path:

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import pyarrow as pa
+import numpy as np
 
 from vlrm.data import DatasetError, DataSource, FolderSplit
 
@@ -56,13 +56,14 @@ class KarpathySplit(FolderSplit):
     def __init__(self, entries: Sequence[dict], image_root: Path, name: str):
         self.path = image_root
         self.source = f"{image_root} ({name})"
-        self.paths = pa.array([str(image_root / e.get("filepath", "") / e["filename"]) for e in entries], pa.string())
+        self.paths = np.array([str(image_root / e.get("filepath", "") / e["filename"]).encode() for e in entries])
         self.references = [[s.get("raw", " ".join(s.get("tokens", []))).strip() for s in e.get("sentences", [])]
                            for e in entries]
         self.ids = [e.get("cocoid", e.get("imgid", i)) for i, e in enumerate(entries)]
 
     def column(self, name: str, rows: Sequence[int] | None = None) -> list | None:
-        values = {"references": self.references, "image_id": self.ids, "path": self.paths.to_pylist()}.get(name)
+        values = {"references": self.references, "image_id": self.ids,
+                  "path": [p.decode() for p in self.paths]}.get(name)
         if values is None:
             return None
         return list(values) if rows is None else [values[int(r)] for r in rows]
