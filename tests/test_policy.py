@@ -56,6 +56,18 @@ def _plain_logprobs(model, policy: CaptionPolicy, pixels, samples: Samples):
     return torch.where(samples.mask, lp, torch.zeros_like(lp))
 
 
+def _plain_matches(model, sd, pol, pixels, max_new_tokens: int) -> list[str]:
+    """Load ``sd`` into a plain BLIP-2 (strict=False, as the released model card does): its greedy
+    captions and its log-probs of sampled captions are the policy's. Returns the captions."""
+    assert not model.load_state_dict(sd, strict=False).unexpected_keys
+    out = model.generate(pixel_values=pixels, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    caps = [c.strip() for c in pol.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    assert caps == pol.caption(pixels, max_new_tokens=max_new_tokens)
+    s = pol.sample(pixels, 2, max_new_tokens=6, min_new_tokens=0, seed=0)
+    torch.testing.assert_close(_plain_logprobs(model, pol, pixels, s), s.logprobs, atol=1e-4, rtol=0)
+    return caps
+
+
 @pytest.fixture(scope="module")
 def pixels(tiny_captioner_dir):
     pol = _policy(tiny_captioner_dir)
@@ -274,13 +286,7 @@ def test_released_style_weights_load_into_plain_blip2(tiny_captioner_dir, pixels
     assert "query_tokens" in sd
     assert all(k == "query_tokens" or k.startswith(("qformer.", "language_projection.")) for k in sd)
     plain = Blip2ForConditionalGeneration.from_pretrained(str(tiny_captioner_dir)).eval()
-    res = plain.load_state_dict(sd, strict=False)
-    assert not res.unexpected_keys
-    out = plain.generate(pixel_values=pixels, max_new_tokens=6, do_sample=False, num_beams=1)
-    plain_caps = [c.strip() for c in pol.tokenizer.batch_decode(out, skip_special_tokens=True)]
-    assert plain_caps == pol.caption(pixels, max_new_tokens=6)
-    s = pol.sample(pixels, 2, max_new_tokens=6, min_new_tokens=0, seed=0)
-    torch.testing.assert_close(_plain_logprobs(plain, pol, pixels, s), s.logprobs, atol=1e-4, rtol=0)
+    plain_caps = _plain_matches(plain, sd, pol, pixels, 6)
     # ...and a single released-style file loads back into a policy
     fresh = _policy(tiny_captioner_dir, lora_r=0)
     fresh.load_checkpoint(tmp_path / "trainable.safetensors")
@@ -346,10 +352,4 @@ def test_hf_state_dict_merges_lora_for_an_engine_holding_the_plain_model(tiny_ca
     plain = model.state_dict()
     q = next(k for k in sd if k.endswith("self_attn.q_proj.weight"))
     assert sd[q].shape == plain[q].shape and not torch.equal(sd[q], plain[q])  # the merged delta is there
-    res = model.load_state_dict(sd, strict=False)
-    assert not res.unexpected_keys
-    out = model.generate(pixel_values=pixels, max_new_tokens=8, do_sample=False, num_beams=1)
-    caps = [c.strip() for c in pol.tokenizer.batch_decode(out, skip_special_tokens=True)]
-    assert caps == pol.caption(pixels, max_new_tokens=8)
-    s = pol.sample(pixels, 2, max_new_tokens=6, min_new_tokens=0, seed=0)
-    torch.testing.assert_close(_plain_logprobs(model, pol, pixels, s), s.logprobs, atol=1e-4, rtol=0)
+    _plain_matches(model, sd, pol, pixels, 8)

@@ -466,6 +466,27 @@ def _stop_cluster(tag: str) -> None:
             time.sleep(0.1)
 
 
+def test_killed_reward_actor_is_restarted_and_every_rollout_is_scored_once(paths, tmp_path, ray_local):
+    """ray.kill of the reward actor twice, mid-run: Ray restarts it and retries its
+    calls (or the driver resubmits them), the run completes, and every rollout is scored and
+    accounted for exactly once."""
+    ray = ray_local
+    kills: list[int] = []
+
+    def on_step(run, step, metrics):
+        if step in (2, 5):
+            ray.kill(run.rewards[0], no_restart=False)
+            kills.append(step)
+
+    cfg = _cfg(paths, tmp_path, "reward_fault", 8, mode="async", eval__val_every=0)
+    run = run_distributed(cfg, on_step=on_step)
+    assert kills == [2, 5]
+    acc = _check_accounting(run)
+    assert acc["final_step"] == 8 and acc["actor_restarts"]["reward-0"] >= 1
+    assert acc["generated_batches"] == acc["scored_batches"] == acc["consumed_batches"] + acc["discarded_at_stop"] // 4
+
+
+
 @pytest.mark.slow
 def test_two_node_cluster(paths, tmp_path):
     """``ray start --head`` + a second ``ray start --address`` on 127.0.0.1, then ``launch.py`` joins
