@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup pretrain bench clean
+.PHONY: demo test setup pretrain bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,7 +21,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/vlrm train --config configs/shapes.yaml $(ARGS)
 
-test: $(STAMP)
+# Debian's chromium opens the HTML reports in the tests (installed where the user may: root, as in CI)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+	  echo "chromium is not installed: the report tests will be skipped"
+
+test: $(STAMP) chromium
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PYTHON) -m pytest -q $(ARGS)
 
 pretrain: $(STAMP)

@@ -165,6 +165,9 @@ class DistributedEngine:
     def export(self, path: str) -> None:
         ray.get(self.learner.export_pretrained.remote(path))
 
+    def score_captions(self, split: str, rows: list, captions: list) -> dict:
+        return ray.get(self.rewards[0].score_captions.remote(split, rows, captions))
+
     def report(self, steps: int, final_step: int, train_seconds: float) -> dict:
         """Write ``accounting.json`` and print it; returns the summary's mode-specific part."""
         rollout_infos, reward_infos = _infos(self.rollouts), _infos(self.rewards)

@@ -61,6 +61,9 @@ class LocalEngine:
     def export(self, path: str) -> None:
         self.learner.export_pretrained(path)
 
+    def score_captions(self, split: str, rows: list, captions: list) -> dict:
+        return self.reward.score_captions(split, rows, captions)
+
     def report(self, steps: int, final_step: int, train_seconds: float) -> dict:
         print(f"[vlrm] {self.acc.line()}", flush=True)
         return {"policy_version": int(self.learner.policy.version)}

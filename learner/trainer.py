@@ -56,6 +56,35 @@ def _eta(done_steps: int, done_seconds: float, steps_left: int, seconds_left: fl
     return f"{int(left // 60)}m{int(left % 60):02d}s"
 
 
+def _write_report(cfg: RunConfig, ctx: Any, engine: Any, source: Any, before: dict, after: dict, summary: dict) -> None:
+    """``report.html``: the base and tuned captions of the first evaluated images with every reward
+    component, the metrics before and after, the learning curves."""
+    from vlrm.report import write_report
+
+    split = cfg.eval.split
+    rows = [e["row"] for e in after.get("examples", [])]
+    caps = {"base": [e["caption"] for e in before.get("examples", [])][:len(rows)],
+            "tuned": [e["caption"] for e in after.get("examples", [])]}
+    try:
+        rewards = {name: engine.score_captions(split, rows, c) for name, c in caps.items()}
+    except Exception as e:  # noqa: BLE001 - the page is written without them, and says why
+        print(f"[vlrm] report: reward components not computed ({type(e).__name__}: {e})", flush=True)
+        rewards = {}
+    images, _, _ = source.split(split).images(rows, skip_bad=True)
+    gallery = []
+    for i, (row, image) in enumerate(zip(rows, images)):
+        truth = after["examples"][i].get("description")
+        gallery.append({"image": image, "label": f"{split} row {row}" + (f"; truth: {truth}" if truth else ""),
+                        "captions": {name: c[i] for name, c in caps.items() if i < len(c)},
+                        "rewards": {name: {k: v[i] for k, v in r.items()} for name, r in rewards.items()}})
+    notes = [f"{cfg.mode} mode, {summary['steps']} steps in {summary['train_seconds']:.0f} s, "
+             f"{summary['samples_per_s']:.1f} samples/s; rewards: "
+             + ", ".join(f"{n} x{c.weight:g}" for n, c in cfg.reward.components.items() if c.weight)
+             + f"; evaluator {after.get('evaluator')}, gallery {after.get('gallery_size')} images"]
+    write_report(ctx.dir / "report.html", f"{cfg.run_name}: base vs tuned", {"base": before, "tuned": after},
+                 gallery, ctx.curve_path, notes)
+
+
 def _numbers(prefix: str, d: dict) -> dict:
     return {f"{prefix}{k}": v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -158,6 +187,7 @@ def run_training(cfg: RunConfig, engine_cls: Callable[..., Any], resume: str | P
         summary |= engine.report(step - start_step, step, train_seconds)
         write_json(summary, ctx.dir / "summary.json")
         plot_learning_curve(ctx.metrics_path, ctx.curve_path, title=f"{cfg.run_name} ({cfg.mode})")
+        _write_report(cfg, ctx, engine, source, before, after, summary)
         engine.export(str((ctx.dir / "policy").resolve()))
         print(f"[vlrm] done: {step} steps in {train_seconds:.0f}s ({summary['samples_per_s']:.1f} samples/s); "
               f"{ev.split} R@1 {before['clip_recall@1']:.3f} -> {after['clip_recall@1']:.3f}, words "

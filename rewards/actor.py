@@ -201,6 +201,13 @@ class RewardWorker:
             out.append((s, meta))
         return out
 
+    def score_captions(self, split: str, rows: Sequence[int], captions: Sequence[str]) -> dict[str, list[float]]:
+        """Every reward component (and the total) of ``captions[i]`` for image ``rows[i]`` of a split
+        (the run report's gallery); unweighted, as logged."""
+        images, _, _ = open_source(self.cfg.data).split(split).images(list(rows))
+        out = self.reward(images, list(captions))
+        return {"total": out.total.tolist()} | {k: v.tolist() for k, v in out.components.items()}
+
     def info(self) -> dict:
         return {"actor_id": self.actor_id, "pid": self.pid, "node_id": self.node_id, "incarnation": self.incarnation,
                 "calls": self.calls, "merged_calls": self.merged_calls, "scored_rows": self.scored_rows,

@@ -78,7 +78,7 @@ def evaluate(captions: Sequence[str], rows: Sequence[int], split: Any, source: D
     out |= text_statistics(captions)
     if source is not None:
         out |= source.ground_truth(split, kept, captions)
-    out["examples"] = [{"row": r, "caption": c} for r, c in list(zip(kept, captions))[:5]]
+    out["examples"] = [{"row": r, "caption": c} for r, c in list(zip(kept, captions))[:12]]
     return out
 
 
@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--report", default=None, help="write a self-contained HTML page here: the models' captions "
+                   "side by side on the first images, and the metric table")
     return p
 
 
@@ -160,4 +162,19 @@ def main(argv: Sequence[str]) -> dict:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(out, indent=2, sort_keys=True))
+    if a.report:
+        _report(a.report, a.data, split, results)
     return out
+
+
+def _report(path: str, data: str, split: Any, results: dict[str, dict]) -> None:
+    from vlrm.report import write_report
+
+    rows = [e["row"] for e in next(iter(results.values()))["examples"]]
+    by_row = {name: {e["row"]: e["caption"] for e in r["examples"]} for name, r in results.items()}
+    images, kept, _ = split.images(rows, skip_bad=True)
+    refs = split.column("references", kept)
+    gallery = [{"image": im, "label": f"row {r}" + (f"; a human caption: {refs[i][0]}" if refs and refs[i] else ""),
+                "captions": {name: caps[r] for name, caps in by_row.items() if r in caps}}
+               for i, (r, im) in enumerate(zip(kept, images))]
+    write_report(path, f"vlrm evaluate: {data}", results, gallery)

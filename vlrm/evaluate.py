@@ -55,7 +55,7 @@ def evaluate_captions(captions: Sequence[str], images: Sequence[Image.Image], ev
 def evaluate_policy(policy: Any, split: Any, evaluator: ClipEvaluator, subset: int | None = None, *,
                     ground_truth: GroundTruth | None = None, decoding: str = "greedy", num_beams: int = 5,
                     no_repeat_ngram_size: int = 0, max_new_tokens: int = 40, batch_size: int = 32,
-                    num_examples: int = 5) -> dict:
+                    num_examples: int = 12) -> dict:
     """Caption the first ``subset`` images of a split (:class:`vlrm.data.ImageSplit`; all with None)
     and score the captions.
 
