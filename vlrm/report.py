@@ -69,7 +69,7 @@ def write_report(path: str | Path, title: str, results: Mapping[str, Mapping[str
     for g in gallery:
         caps = "".join(
             f"<p class=cap><b>{html.escape(name)}</b>: <span class=caption>{html.escape(cap)}</span>"
-            + (f"<br><span class=m>" + ", ".join(f"{k} {(v or 0.0):.3f}" for k, v in g['rewards'][name].items()) + "</span>"
+            + ("<br><span class=m>" + ", ".join(f"{k} {(v or 0.0):.3f}" for k, v in g['rewards'][name].items()) + "</span>"
                if g.get("rewards", {}).get(name) else "") + "</p>"
             for name, cap in g["captions"].items())
         cards.append(f"<div class=c><img alt='{html.escape(g.get('label', ''))}' src='{image_uri(g['image'])}'>"
