@@ -134,9 +134,13 @@ def test_evaluate_with_a_delta_beside_the_base(tiny_world, tiny_captioner_dir, t
 
     src = _perturbed(tiny_captioner_dir, lora_r=0)
     torch.save({k: v.detach().half() for k, v in src.released_state_dict().items()}, tmp_path / "d.pt")
+    other = _perturbed(tiny_captioner_dir, seed=2, lora_r=0)
+    torch.save({k: v.detach().half() for k, v in other.released_state_dict().items()}, tmp_path / "rs.pt")
     out = evaluate(["--model", str(tiny_captioner_dir), "--delta", str(tmp_path / "d.pt"), "--compare",
-                    str(tiny_captioner_dir), "--data", str(tiny_world), "--split", "test", "--clip",
-                    str(tiny_clip_dir), "--limit", "6", "--max-new-tokens", "6", "--out", str(tmp_path / "e.json")])
-    assert set(out["results"]) == {f"{tiny_captioner_dir} + {tmp_path / 'd.pt'}", str(tiny_captioner_dir)}
+                    str(tiny_captioner_dir), f"{tiny_captioner_dir}+{tmp_path / 'rs.pt'}", "--data", str(tiny_world),
+                    "--split", "test", "--clip", str(tiny_clip_dir), "--limit", "6", "--max-new-tokens", "6",
+                    "--out", str(tmp_path / "e.json")])
+    assert set(out["results"]) == {f"{tiny_captioner_dir} + {tmp_path / 'd.pt'}", str(tiny_captioner_dir),
+                                   f"{tiny_captioner_dir} + {tmp_path / 'rs.pt'}"}
     assert all("attribute_precision" in r for r in out["results"].values())  # the shapes world's ground truth
     assert json.loads((tmp_path / "e.json").read_text())["results"].keys() == out["results"].keys()

@@ -3,7 +3,8 @@
     vlrm evaluate --model runs/latest --data ../data/dataset_coco.json --split test --preset vlrm
     vlrm evaluate --captions mine.jsonl --data images/ --clip ViT-B-32/openai --out eval.json
     vlrm evaluate --model base/ --compare runs/a runs/b --data data/shapes --split test
-    vlrm evaluate --model Salesforce/blip2-opt-2.7b --delta vlrm-blip2-opt-2.7b.pt --data dataset_coco.json
+    vlrm evaluate --model Salesforce/blip2-opt-2.7b --compare Salesforce/blip2-opt-2.7b+vlrm-blip2-opt-2.7b.pt \
+        Salesforce/blip2-opt-2.7b+vlrm-rs-blip2-opt-2.7b.pt runs/latest --data dataset_coco.json --report cmp.html
 
 ``--data`` is a Karpathy split file (images beside it unless ``--image-root`` says otherwise), a
 Parquet file, an image folder, or a folder of splits (a shapes world is recognised by its
@@ -100,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="run folder, checkpoint folder, HF directory or hub id")
     p.add_argument("--captions", help="JSONL of {image or row, caption} made elsewhere, instead of --model")
     p.add_argument("--delta", help="a released-style delta (.pt read weights-only, or .safetensors) loaded onto --model")
-    p.add_argument("--compare", nargs="*", default=[], help="more models, side by side with --model")
+    p.add_argument("--compare", nargs="*", default=[], help="more models, side by side with --model; "
+                   "MODEL+DELTA.pt loads a released-style delta onto MODEL")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default=None, help="split name (default test); train+restval joins Karpathy splits")
     p.add_argument("--image-root", default=None, help="images of a Karpathy split file (default: beside it)")
@@ -147,11 +149,14 @@ def main(argv: Sequence[str]) -> dict:
             rows.append(int(row))
             caps.append(str(r["caption"]))
         results[a.captions] = evaluate(caps, rows, split, source, clip, a.spice) | {"decoding": "given"}
-    for i, spec in enumerate(([a.model] if a.model else []) + list(a.compare)):
-        policy = load_captioner(spec, a.device, a.dtype)
-        if a.delta and i == 0 and a.model:
-            policy.load_delta(a.delta)
-            spec = f"{spec} + {a.delta}"
+    specs = [(a.model, a.delta)] if a.model else []
+    specs += [_split_delta(c) for c in a.compare]
+    for model, delta in specs:
+        policy = load_captioner(model, a.device, a.dtype)
+        spec = model
+        if delta:
+            policy.load_delta(delta)
+            spec = f"{model} + {delta}"
         images, kept, errors = split.images(list(range(n)), skip_bad=True)
         caps = caption_images(policy, images, decoding, a.batch_size, progress=f"captioning ({spec})")
         results[spec] = evaluate(caps, kept, split, source, clip, a.spice) | {"decoding": decoding.label()}
@@ -165,6 +170,14 @@ def main(argv: Sequence[str]) -> dict:
     if a.report:
         _report(a.report, a.data, split, results)
     return out
+
+
+def _split_delta(spec: str) -> tuple[str, str | None]:
+    """``MODEL+DELTA`` in ``--compare``: a released-style delta file loaded onto MODEL."""
+    model, sep, delta = spec.rpartition("+")
+    if sep and delta.endswith((".pt", ".pth", ".safetensors")):
+        return model, delta
+    return spec, None
 
 
 def _report(path: str, data: str, split: Any, results: dict[str, dict]) -> None:
