@@ -144,3 +144,4 @@ def test_evaluate_with_a_delta_beside_the_base(tiny_world, tiny_captioner_dir, t
                                    f"{tiny_captioner_dir} + {tmp_path / 'rs.pt'}"}
     assert all("attribute_precision" in r for r in out["results"].values())  # the shapes world's ground truth
     assert json.loads((tmp_path / "e.json").read_text())["results"].keys() == out["results"].keys()
+    assert (tmp_path / "e.html").is_file()  # a comparison always writes its page, beside --out by default

@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--report", default=None, help="write a self-contained HTML page here: the models' captions "
-                   "side by side on the first images, and the metric table")
+                   "side by side on the first images, and the metric table (with --compare by default: beside "
+                   "--out, or compare.html)")
     return p
 
 
@@ -167,8 +168,10 @@ def main(argv: Sequence[str]) -> dict:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(out, indent=2, sort_keys=True))
-    if a.report:
-        _report(a.report, a.data, split, results)
+    report = a.report or ((str(Path(a.out).with_suffix(".html")) if a.out else "compare.html") if a.compare else None)
+    if report:
+        _report(report, a.data, split, results)
+        print(f"report: {report}")
     return out
 
 
