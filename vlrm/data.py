@@ -84,7 +84,8 @@ class ImageSplit:
     def where(self, row: int) -> str:
         return f"{self.source} row {row}"
 
-    def image_bytes(self, rows: Sequence[int]) -> list[bytes]:
+    def encoded(self, rows: Sequence[int]) -> list[bytes | OSError]:
+        """The encoded image of each row, or the ``OSError`` that reading it raised."""
         raise NotImplementedError
 
     def column(self, name: str, rows: Sequence[int] | None = None) -> list | None:
@@ -98,9 +99,9 @@ class ImageSplit:
         """Decode rows. Returns (images, rows kept, errors); without ``skip_bad`` the first bad row raises."""
         out, kept, errors = [], [], []
         rows = [int(r) for r in rows]
-        for r, data in zip(rows, self._bytes_or_errors(rows)):
+        for r, data in zip(rows, self.encoded(rows)):
             try:
-                if isinstance(data, Exception):
+                if isinstance(data, OSError):
                     raise ImageDecodeError(f"cannot read image at {self.where(r)}: {data}")
                 out.append(decode_image(data, self.where(r)))
                 kept.append(r)
@@ -109,9 +110,6 @@ class ImageSplit:
                     raise
                 errors.append(str(e))
         return out, kept, errors
-
-    def _bytes_or_errors(self, rows: list[int]) -> list[Any]:
-        return self.image_bytes(rows)
 
 
 class ParquetSplit(ImageSplit):
@@ -159,8 +157,8 @@ class ParquetSplit(ImageSplit):
             self._cached_bytes -= old.nbytes
         return col
 
-    def image_bytes(self, rows: Sequence[int]) -> list[bytes]:
-        out = []
+    def encoded(self, rows: Sequence[int]) -> list[bytes | OSError]:
+        out: list[bytes | OSError] = []
         for r in rows:
             g, i = self._locate(int(r))
             out.append(self._group(g)[i].as_py())
@@ -216,17 +214,14 @@ class FolderSplit(ImageSplit):
     def path_of(self, row: int) -> str:
         return self.paths[int(row)].decode()
 
-    def _bytes_or_errors(self, rows: list[int]) -> list[Any]:
-        out: list[Any] = []
+    def encoded(self, rows: Sequence[int]) -> list[bytes | OSError]:
+        out: list[bytes | OSError] = []
         for r in rows:
             try:
                 out.append(Path(self.path_of(r)).read_bytes())
             except OSError as e:  # deleted or unreadable since the listing
                 out.append(e)
         return out
-
-    def image_bytes(self, rows: Sequence[int]) -> list[bytes]:
-        return [Path(self.path_of(r)).read_bytes() for r in rows]
 
     def column(self, name: str, rows: Sequence[int] | None = None) -> list | None:
         if name != "path":
