@@ -77,7 +77,8 @@ class LearnerWorker:
             the learner's node: shared storage on a multi-node cluster).
         resume_checkpoint: a ``checkpoints/step_XXXXXX`` folder to continue from (policy,
             optimizer, RNG, step); its ``state.json`` is returned by :meth:`resume_state`.
-        publish: publish weights through the object store (needs Ray); False keeps them local.
+        publish: publish weights through the object store after every step (needs Ray); False
+            publishes nothing (the single-process engine samples with this learner's own policy).
     """
 
     def __init__(self, cfg: RunConfig, run_dir: str | None = None, resume_checkpoint: str | None = None,
@@ -126,7 +127,7 @@ class LearnerWorker:
         self._published: tuple[Any, int, float] | None = None
         self._staging: torch.Tensor | None = None  # reused buffer the weights are packed into
         self._metrics = RoleMetrics("learner", "learner", LEARNER_METRICS)
-        if self.rank == 0:
+        if self.rank == 0 and publish:
             self.publish()
 
     def _join_group(self, resume_checkpoint: str | None, resources: Mapping[str, float] | None,
@@ -166,22 +167,19 @@ class LearnerWorker:
             sd = self.policy.hf_state_dict()  # LoRA merged into the base names of the HF model
         else:
             sd = self.policy.trainable_state_dict(device=None)  # the parameters: packing copies them once
-        if self._publish_enabled:
-            import ray
+        import ray
 
-            # pack into one reused (pinned, on a GPU learner) buffer; ray.put copies it out
-            nbytes = packed_nbytes(sd)
-            if self._staging is None or self._staging.numel() < nbytes:
-                self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device == "cuda")
-            obj: Any = ray.put(weights_to_wire(sd, self._staging))
-        else:
-            obj = weights_to_wire(sd)  # handed on as it is: its own buffer
+        # pack into one reused (pinned, on a GPU learner) buffer; ray.put copies it out
+        nbytes = packed_nbytes(sd)
+        if self._staging is None or self._staging.numel() < nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device == "cuda")
+        obj: Any = ray.put(weights_to_wire(sd, self._staging))
         self._published = (obj, int(self.policy.version), time.time())
         self._metrics.observe("vlrm_weight_publish_seconds", time.perf_counter() - t0)
         return obj, int(self.policy.version)
 
     def get_weights(self) -> tuple[Any, int]:
-        """``(ObjectRef or dict, version)`` of the last published weights (trainable tensors only)."""
+        """``(ObjectRef, version)`` of the last published weights (trainable tensors only)."""
         obj, version, _ = self._published  # type: ignore[misc]
         return obj, version
 
@@ -264,7 +262,7 @@ class LearnerWorker:
                     out[f.name] = float(table.column(f.name).to_numpy(zero_copy_only=False).mean())
             weights = None
             t_publish = time.perf_counter()
-            if not skipped and self.rank == 0:
+            if not skipped and self.rank == 0 and self._publish_enabled:
                 self.publish()
                 weights = self._published
             out["weights"] = weights
