@@ -84,13 +84,15 @@ def coco_caption_scores(references: Mapping[Any, Sequence[str]], candidates: Map
 
 
 def clip_scores(clip: Any, images: Sequence[Any], captions: Sequence[str],
-                references: Sequence[Sequence[str]] | None = None) -> dict:
+                references: Sequence[Sequence[str]] | None = None,
+                features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Mean CLIP-S (and RefCLIP-S with ``references``) of ``captions[i]`` for ``images[i]``, with a
-    :class:`vlrm.clip.ClipModel`. Per-caption values are in ``"per_caption"``."""
+    :class:`vlrm.clip.ClipModel`. Per-caption values are in ``"per_caption"``. ``features``: the
+    images' and captions' features when the caller has encoded them already."""
     if len(images) != len(captions):
         raise ValueError(f"{len(captions)} captions for {len(images)} images")
-    img = clip.encode_images(list(images))
-    txt = clip.encode_texts(list(captions))
+    img, txt = features if features is not None else (clip.encode_images(list(images)),
+                                                       clip.encode_texts(list(captions)))
     clip_s = 2.5 * (img * txt).sum(-1).clamp(min=0).float().cpu()
     out: dict[str, Any] = {"CLIPScore": float(clip_s.mean()) if len(clip_s) else 0.0}
     per = {"CLIPScore": clip_s.tolist()}

@@ -208,12 +208,13 @@ class ClipModel:
     def similarity_matrix(self, images: Sequence[Any], captions: Sequence[str]) -> torch.Tensor:
         """``FloatTensor[len(captions), len(images)]`` (CPU): the reward of every caption-image pair,
         for caption-to-image retrieval (``argmax`` over dim 1 is the retrieved image)."""
-        captions = list(captions)
-        img = self.encode_images(list(images))
-        txt = self.encode_texts(captions)
-        if not len(captions) or not len(images):
-            return torch.zeros(len(captions), len(images))
-        return (self.logit_scale * txt @ img.t() + self.logit_bias).float().cpu()
+        return self.similarity(self.encode_images(list(images)), self.encode_texts(list(captions)))
+
+    def similarity(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """:meth:`similarity_matrix` from features already encoded (``[C, D]`` texts, ``[I, D]`` images)."""
+        if not len(text_features) or not len(image_features):
+            return torch.zeros(len(text_features), len(image_features))
+        return (self.logit_scale * text_features @ image_features.t() + self.logit_bias).float().cpu()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.model_spec!r}, context_length={self.context_length}, prefix={self.prompt_prefix!r})"

@@ -60,18 +60,25 @@ def open_data(spec: str, split: str | None, image_root: str | None = None, cache
 
 
 def evaluate(captions: Sequence[str], rows: Sequence[int], split: Any, source: DataSource | None, clip: Any,
-             spice: bool = False) -> dict:
-    """Every metric of ``captions[i]`` for image ``rows[i]`` of ``split``."""
-    images, kept, errors = split.images(list(rows), skip_bad=True)
-    if errors:
-        keep = set(kept)
-        captions = [c for r, c in zip(rows, captions) if r in keep]
+             spice: bool = False, images: Sequence[Any] | None = None) -> dict:
+    """Every metric of ``captions[i]`` for image ``rows[i]`` of ``split`` (``images``: those rows,
+    when the caller has decoded them already)."""
+    errors: list[str] = []
+    if images is None:
+        images, kept, errors = split.images(list(rows), skip_bad=True)
+        if errors:
+            keep = set(kept)
+            captions = [c for r, c in zip(rows, captions) if r in keep]
+    else:
+        kept = list(rows)
+    captions = list(captions)
     references = split.column("references", kept)
     out: dict[str, Any] = {"images": len(kept), "bad_images": len(errors), "clip": clip.model_spec,
                            "gallery_size": len(kept)}
-    sim = clip.similarity_matrix(images, list(captions))
+    features = clip.encode_images(list(images)), clip.encode_texts(captions)  # once, for every CLIP metric
+    sim = clip.similarity(*features)
     out |= {f"clip_recall@{k}": v for k, v in retrieval_recall(sim, torch.arange(len(kept)), (1, 5, 10)).items()}
-    scores = clip_scores(clip, images, captions, references)
+    scores = clip_scores(clip, images, captions, references, features)
     out |= {k: v for k, v in scores.items() if k != "per_caption"}
     if references:
         out |= coco_caption_scores({i: refs for i, refs in enumerate(references)},
@@ -152,15 +159,16 @@ def main(argv: Sequence[str]) -> dict:
         results[a.captions] = evaluate(caps, rows, split, source, clip, a.spice) | {"decoding": "given"}
     specs = [(a.model, a.delta)] if a.model else []
     specs += [_split_delta(c) for c in a.compare]
+    if specs:  # every model captions the same images, decoded once
+        images, kept, errors = split.images(list(range(n)), skip_bad=True)
     for model, delta in specs:
         policy = load_captioner(model, a.device, a.dtype)
         spec = model
         if delta:
             policy.load_delta(delta)
             spec = f"{model} + {delta}"
-        images, kept, errors = split.images(list(range(n)), skip_bad=True)
         caps = caption_images(policy, images, decoding, a.batch_size, progress=f"captioning ({spec})")
-        results[spec] = evaluate(caps, kept, split, source, clip, a.spice) | {"decoding": decoding.label()}
+        results[spec] = evaluate(caps, kept, split, source, clip, a.spice, images) | {"decoding": decoding.label()}
         results[spec]["bad_images"] += len(errors)
     print(f"data {a.data} ({split.source}), {n} images; CLIP {a.clip}; decoding {decoding.label()}")
     print(table(results))
