@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from vlrm.data import IMAGE_SUFFIXES, DatasetError, decode_image
+from vlrm.data import IMAGE_SUFFIXES, DatasetError, FolderSplit
 
 __all__ = ["Decoding", "PRESETS", "load_captioner", "caption_images", "expand_images", "write_jsonl", "read_jsonl"]
 
@@ -96,16 +96,20 @@ def caption_images(policy: Any, images: Sequence[Any], decoding: Decoding, batch
 
 
 def caption_files(policy: Any, paths: Sequence[Path], decoding: Decoding, batch_size: int = 16) -> tuple[list[dict], list[str]]:
-    """``({"image", "caption"} records, errors)``: unreadable files are skipped and named."""
-    images, kept, errors = [], [], []
-    for p in paths:
-        try:
-            images.append(decode_image(p.read_bytes(), str(p)))
-            kept.append(p)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
-            errors.append(f"{p}: {e}")
-    captions = caption_images(policy, images, decoding, batch_size, progress="captioning")
-    return [{"image": str(p), "caption": c} for p, c in zip(kept, captions)], errors
+    """``({"image", "caption"} records, errors)``, one batch decoded at a time (memory does not grow
+    with the number of files); unreadable files are skipped and named."""
+    from tqdm.auto import tqdm
+
+    split = FolderSplit.of_files(paths, source="the given images")
+    records, errors = [], []
+    with tqdm(total=len(split), desc="captioning", unit="img") as bar:
+        for start in range(0, len(split), batch_size):
+            images, kept, bad = split.images(range(start, min(start + batch_size, len(split))), skip_bad=True)
+            captions = caption_images(policy, images, decoding, batch_size) if images else []
+            records += [{"image": split.path_of(r), "caption": c} for r, c in zip(kept, captions)]
+            errors += bad
+            bar.update(len(kept) + len(bad))
+    return records, errors
 
 
 def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
