@@ -64,7 +64,7 @@ DRIVER_METRICS = {
 
 @dataclass
 class _Task:
-    """A generation (``reward is None``) or scoring call in flight, resubmittable."""
+    """A generation or (with ``gen_ref``, the rollout batch it scores) scoring call in flight."""
 
     batch_id: str
     rows: list
@@ -214,12 +214,13 @@ class DistributedEngine:
         self.generating[actor] = batch_id
         return _Task(batch_id, rows, actor, data_ref, meta_ref, attempts=attempts)
 
-    def _submit_score(self, gen: _Task, reward: int | None = None, attempts: int = 1) -> _Task:
+    def _submit_score(self, batch_id: str, rows: list, gen_ref: Any, reward: int | None = None,
+                      attempts: int = 1) -> _Task:
         if reward is None:
             reward = self._score_rr % len(self.rewards)
             self._score_rr += 1
-        data_ref, meta_ref = self.rewards[reward].score.remote(gen.data_ref)
-        return _Task(gen.batch_id, gen.rows, reward, data_ref, meta_ref, gen_ref=gen.data_ref, attempts=attempts)
+        data_ref, meta_ref = self.rewards[reward].score.remote(gen_ref)
+        return _Task(batch_id, rows, reward, data_ref, meta_ref, gen_ref=gen_ref, attempts=attempts)
 
     def _result(self, task: _Task) -> dict | None:
         """The meta of a finished call, counted once; or, when its actor died, None after the call
@@ -231,8 +232,8 @@ class DistributedEngine:
                 raise _score_error(e) if task.scoring else e from None
             self.acc.resubmitted += 1
             if task.scoring:
-                new = self._submit_score(_Task(task.batch_id, task.rows, -1, task.gen_ref, None),
-                                         (task.actor + 1) % len(self.rewards), task.attempts + 1)
+                new = self._submit_score(task.batch_id, task.rows, task.gen_ref, (task.actor + 1) % len(self.rewards),
+                                         task.attempts + 1)
             else:
                 self.generating.pop(task.actor, None)
                 self._mark_dead(task.actor, e)
@@ -347,7 +348,7 @@ class DistributedEngine:
             rows = sampler.next_batch()
             chunks = [c.tolist() for c in np.array_split(np.asarray(rows), min(n, len(rows))) if len(c)]
             gens = [self._submit_gen(i, chunk, self._new_batch_id()) for i, chunk in enumerate(chunks)]
-            scores = [self._submit_score(g) for g in gens if self._wait(g)["rows"] > 0]
+            scores = [self._submit_score(g.batch_id, g.rows, g.data_ref) for g in gens if self._wait(g)["rows"] > 0]
             for s in scores:
                 self._wait(s)
             if not scores:
@@ -421,7 +422,7 @@ class DistributedEngine:
                     if meta is None:  # resubmitted to another actor
                         tasks[task.meta_ref] = task
                     elif not task.scoring and meta["rows"] > 0:
-                        s = self._submit_score(task)
+                        s = self._submit_score(task.batch_id, task.rows, task.data_ref)
                         tasks[s.meta_ref] = s
                     elif task.scoring:
                         ready.append(task.data_ref)
