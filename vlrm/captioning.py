@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 from vlrm.data import IMAGE_SUFFIXES, DatasetError, FolderSplit
 
-__all__ = ["Decoding", "PRESETS", "load_captioner", "caption_images", "expand_images", "write_jsonl", "read_jsonl"]
+__all__ = ["Decoding", "PRESETS", "load_captioner", "load_checkpoint_policy", "caption_images", "expand_images", "write_jsonl", "read_jsonl"]
 
 
 @dataclass(frozen=True)
@@ -38,20 +38,32 @@ class Decoding:
 PRESETS = {"greedy": Decoding(), "vlrm": Decoding("beam", 5, 2, 4, 60)}
 
 
+def load_checkpoint_policy(ckpt: str | Path, device: str = "cpu", dtype: str | None = None,
+                           run: str | Path | None = None) -> tuple[Any, Any]:
+    """``(run config, policy)`` of a checkpoint folder (``runs/NAME/checkpoints/step_XXXXXX``): the
+    base model of the run (``run``, default the folder the checkpoint sits in) with the checkpoint's
+    weights, in ``dtype`` (default: the run's)."""
+    from vlrm.policy import CaptionPolicy
+    from vlrm.run import load_run_config
+
+    ckpt = Path(ckpt)
+    cfg = load_run_config(run if run is not None else ckpt.parent.parent)
+    policy = CaptionPolicy.from_config(replace(cfg.policy, dtype=dtype or cfg.policy.dtype), device=device)
+    policy.load_checkpoint(ckpt / "policy")
+    return cfg, policy.train(False)
+
+
 def load_captioner(spec: str, device: str = "cpu", dtype: str = "float32") -> Any:
     """A :class:`vlrm.policy.CaptionPolicy` for a run folder, a checkpoint folder, an HF directory
     or a hub id."""
-    from vlrm.config import PolicyConfig, load_config
+    from vlrm.config import PolicyConfig
     from vlrm.policy import CaptionPolicy
 
     path = Path(spec)
     if (path / "policy" / "config.json").is_file():  # a run folder: its exported policy
         path = path / "policy"
     if (path / "policy" / "policy.json").is_file() and (path.parent.parent / "config.yaml").is_file():
-        run_cfg = load_config(path.parent.parent / "config.yaml", check=False)  # a checkpoint of a run
-        policy = CaptionPolicy.from_config(replace(run_cfg.policy, dtype=dtype), device=device)
-        policy.load_checkpoint(path / "policy")
-        return policy.train(False)
+        return load_checkpoint_policy(path, device, dtype)[1]
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model {spec}: not a run folder, a checkpoint folder or a Hugging Face "
                                 "directory (no config.json)")

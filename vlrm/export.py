@@ -103,8 +103,7 @@ model.load_state_dict(torch.load("delta/{DELTA_PT}", weights_only=True), strict=
 
 def export_run(run: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> Path:
     """Export a run folder's newest (or the given) checkpoint into ``out``; returns ``out``."""
-    from vlrm.config import load_config
-    from vlrm.policy import CaptionPolicy
+    from vlrm.captioning import load_checkpoint_policy
     from vlrm.run import CONFIG_FILE, latest_checkpoint
 
     run = Path(run).resolve()
@@ -113,9 +112,7 @@ def export_run(run: str | Path, out: str | Path, checkpoint: str | Path | None =
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run)
     if ckpt is None:
         raise FileNotFoundError(f"{run} has no checkpoint to export")
-    cfg = load_config(run / CONFIG_FILE, check=False)
-    policy = CaptionPolicy.from_config(cfg.policy)
-    policy.load_checkpoint(ckpt / "policy")
+    cfg, policy = load_checkpoint_policy(ckpt, run=run)
     step = json.loads((ckpt / "state.json").read_text())["step"]
     out = Path(out)
     delta_dir = out / "delta"
