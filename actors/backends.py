@@ -35,12 +35,17 @@ class HFBackend:
         return self.policy.sample(pv, k=k, max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
                                   temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=seed)
 
+    def caption(self, images: Sequence[Any], **decoding: Any) -> list[str]:
+        """Deterministic captions (:meth:`CaptionPolicy.caption` options)."""
+        return self.policy.caption(self.policy.preprocess(list(images)), **decoding)
+
     def load_weights(self, state: Mapping[str, torch.Tensor], version: int) -> None:
         self.policy.load_trainable_state_dict(dict(state))
         self.policy.version = int(version)
 
 
-def make_backend(cfg: Any, device: str = "cpu", policy: CaptionPolicy | None = None) -> GenerationBackend:
-    """The backend ``rollout.backend`` names."""
-    cls = backend_class(cfg.rollout.backend)
+def make_backend(cfg: Any, device: str = "cpu", policy: CaptionPolicy | None = None,
+                 name: str | None = None) -> GenerationBackend:
+    """The backend ``name`` (default ``rollout.backend``) names."""
+    cls = backend_class(name or cfg.rollout.backend)
     return cls(cfg, device=device, policy=policy) if policy is not None else cls(cfg, device=device)

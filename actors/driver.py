@@ -117,6 +117,13 @@ class DistributedEngine:
         from actors.rollout import RolloutActor, rollout_actor_options
         from learner.actor import LearnerActor, learner_actor_options
         from rewards.actor import RewardActor, reward_actor_options
+        from vlrm.backend import backend_class
+        from vlrm.config_schema import rollout_backends
+
+        if "vllm" in rollout_backends(self.cfg.rollout):  # before any actor loads a model
+            from actors.vllm_backend import check_vllm_environment
+
+            check_vllm_environment(self.cfg, local_cluster=not self.cfg.cluster.address)
 
         cfg, name, ns = self.cfg, self.cfg.run_name, self.cfg.cluster.namespace
         t0 = time.perf_counter()
@@ -132,10 +139,12 @@ class DistributedEngine:
                                             **reward_actor_options(cfg, self.placement["reward"])).remote(cfg, f"reward-{j}")
                         for j in range(cfg.reward.num_actors)]
         # rollout actors read the learner's weights on start when it resumed, and after a restart
+        backends = rollout_backends(cfg.rollout)
+        self.weights_formats = [getattr(backend_class(b), "weights_format", "policy") for b in backends]
         self.rollouts = [RolloutActor.options(name=f"{name}.rollout-{i}", namespace=ns,
-                                              **rollout_actor_options(cfg, self.placement["rollout"])).remote(
-            cfg, f"rollout-{i}", f"{name}.learner", fetch_weights=ckpt is not None)
-            for i in range(cfg.rollout.num_actors)]
+                                              **rollout_actor_options(cfg, self.placement["rollout"], b)).remote(
+            cfg, f"rollout-{i}", f"{name}.learner", fetch_weights=ckpt is not None, backend=b)
+            for i, b in enumerate(backends)]
         self.queue = Queue(maxsize=cfg.learner.queue_size, actor_options={"num_cpus": 0, "name": f"{name}.queue",
                                                                            "namespace": ns})
         learner_info, *infos = ray.get([self.learner.info.remote()] + [a.info.remote() for a in self.rollouts]
@@ -181,6 +190,7 @@ class DistributedEngine:
         write_json(self.acc.as_dict() | {
             "mode": self.cfg.mode, "steps": steps, "final_step": final_step, "train_seconds": train_seconds,
             "learner_totals": learner_info["totals"], "nodes": self.nodes,
+            "rollout_backends": {i["actor_id"]: i["backend"] for i in rollout_infos},
             "weight_push_latency_s": summarize(self.push_latencies), "weight_load_s": summarize(self.weight_load_s),
             "peak_memory_mb": peaks}, self.ctx.dir / ACCOUNTING_FILE)
         print(f"[vlrm] {self.acc.line()}", flush=True)
@@ -284,9 +294,10 @@ class DistributedEngine:
 
     # ------------------------------------------------------------------ weights
 
-    def _push_weights(self, weights: tuple[Any, int, float]) -> list:
-        ref, version, published = weights
-        acks = [a.set_weights.remote(ref, version, published) for a in self.rollouts]
+    def _push_weights(self, weights: tuple[dict[str, Any], int, float]) -> list:
+        refs, version, published = weights
+        acks = [a.set_weights.remote(refs[self.weights_formats[i]], version, published)
+                for i, a in enumerate(self.rollouts)]
         for ack in acks:
             self._pending_acks[ack] = (version, published)
         return acks

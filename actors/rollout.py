@@ -90,10 +90,13 @@ class RolloutWorker:
         own_process: the worker has its process to itself (a Ray actor): it sets the process's
             threads, niceness and cores from ``cfg.rollout``.
         cache_size: how many recent batches are kept for idempotent retries.
+        backend: this actor's generation backend (default ``rollout.backend``; see
+            ``rollout.backend_per_actor``).
     """
 
     def __init__(self, cfg: RunConfig, actor_id: str, weights_source: Any = None, cache_size: int = 4,
-                 fetch_weights: bool = True, policy: Any = None, own_process: bool = True):
+                 fetch_weights: bool = True, policy: Any = None, own_process: bool = True,
+                 backend: str | None = None):
         if own_process:
             pin_to_cores(cfg.rollout.cpu_affinity, "rollout.cpu_affinity")
             torch.set_num_threads(max(1, int(cfg.rollout.num_cpus or 1)))
@@ -102,7 +105,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.actor_id = actor_id
         self.device = _device(cfg.rollout.num_gpus)
-        self.backend = make_backend(cfg, device=self.device, policy=policy)
+        self.backend = make_backend(cfg, device=self.device, policy=policy, name=backend)
         self.dataset = open_source(cfg.data).split(cfg.data.train_split)
         self.started_at = time.time()
         self.pid = os.getpid()
@@ -128,7 +131,7 @@ class RolloutWorker:
 
             if isinstance(weights_source, str):  # a named actor (keeps handles out of the constructor args)
                 weights_source = ray.get_actor(weights_source, namespace=cfg.cluster.namespace)
-            ref, version = ray.get(weights_source.get_weights.remote())
+            ref, version = ray.get(weights_source.get_weights.remote(self.backend.weights_format))
             self.set_weights(ref if not isinstance(ref, ray.ObjectRef) else ray.get(ref), version)
 
     # ------------------------------------------------------------------ API
@@ -200,6 +203,12 @@ class RolloutWorker:
         return {"actor_id": self.actor_id, "version": self.backend.version, "applied": applied,
                 "load_s": load_s, "latency_s": latency}
 
+    def caption(self, image_rows: Sequence[int], **decoding: Any) -> list[str]:
+        """Deterministic captions of training-split rows with the weights in use (greedy unless
+        ``decoding`` says otherwise: the backend's ``caption`` options)."""
+        images, _, _ = self.dataset.images([int(r) for r in image_rows], skip_bad=False)
+        return self.backend.caption(images, **decoding)
+
     def info(self) -> dict:
         return {"actor_id": self.actor_id, "pid": self.pid, "node_id": self.node_id,
                 "incarnation": self.incarnation, "reconstructed": self.reconstructed,
@@ -219,9 +228,15 @@ class RolloutWorker:
         return self.actor_id
 
 
-def rollout_actor_options(cfg: RunConfig, resources: Mapping[str, float] | None = None) -> dict:
+def rollout_actor_options(cfg: RunConfig, resources: Mapping[str, float] | None = None,
+                          backend: str | None = None) -> dict:
     """``.options(...)`` of a rollout actor from ``cfg.rollout`` (CPUs, GPUs, restarts, retries)
-    plus custom resources (e.g. ``{"rollout": 1}`` to land on the cluster.yaml rollout nodes)."""
+    plus custom resources (e.g. ``{"rollout": 1}`` to land on the cluster.yaml rollout nodes); a
+    ``vllm`` actor also gets the vLLM environment's interpreter (``rollout.vllm.python``)."""
+    if (backend or cfg.rollout.backend) == "vllm" and cfg.rollout.vllm.python:
+        from actors.vllm_backend import vllm_runtime_env
+
+        return actor_options(cfg.rollout, resources, runtime_env=vllm_runtime_env(cfg.rollout.vllm.python))
     return actor_options(cfg.rollout, resources)
 
 

@@ -86,6 +86,7 @@ class LearnerWorker:
                  init_method: str | None = None, own_process: bool = True):
         from learner.update import A2CUpdater, frozen_reference
         from vlrm.backend import backend_class
+        from vlrm.config_schema import rollout_backends
         from vlrm.policy import CaptionPolicy
 
         if own_process:  # a Ray actor: its process's threads and cores are the role's
@@ -106,8 +107,9 @@ class LearnerWorker:
         self.source = open_source(cfg.data)
         self.dataset = self.source.split(cfg.data.train_split)
         self._splits: dict[str, Any] = {}
-        # the form the rollout backends take pushed weights in (vlrm.backend)
-        self.weights_format = getattr(backend_class(cfg.rollout.backend), "weights_format", "policy")
+        # every form the rollout actors' backends take pushed weights in (vlrm.backend)
+        self.weights_formats = sorted({getattr(backend_class(b), "weights_format", "policy")
+                                       for b in rollout_backends(cfg.rollout)})
         self.step = 0
         self._resume_state: dict | None = None
         if resume_checkpoint:
@@ -125,7 +127,7 @@ class LearnerWorker:
         self.node_id = node_id()
         self._publish_enabled = publish
         self._published: tuple[Any, int, float] | None = None
-        self._staging: torch.Tensor | None = None  # reused buffer the weights are packed into
+        self._staging: dict[str, torch.Tensor] = {}  # per weights format, the reused buffer it is packed into
         self._metrics = RoleMetrics("learner", "learner", LEARNER_METRICS)
         if self.rank == 0 and publish:
             self.publish()
@@ -158,33 +160,39 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ weights
 
-    def publish(self) -> tuple[Any, int]:
-        """Put the trainable tensors in the object store once; returns ``(ref, version)``."""
+    def publish(self) -> tuple[dict[str, Any], int]:
+        """Put the weights in the object store once per form the rollout backends take (``"policy"``:
+        the trainable tensors; ``"hf"``: BLIP-2 names with LoRA merged); returns ``({format: ref},
+        version)``."""
         from vlrm.wire import packed_nbytes, weights_to_wire
 
         t0 = time.perf_counter()
-        if self.weights_format == "hf":
-            sd = self.policy.hf_state_dict()  # LoRA merged into the base names of the HF model
-        else:
-            sd = self.policy.trainable_state_dict(device=None)  # the parameters: packing copies them once
         import ray
 
-        # pack into one reused (pinned, on a GPU learner) buffer; ray.put copies it out
-        nbytes = packed_nbytes(sd)
-        if self._staging is None or self._staging.numel() < nbytes:
-            self._staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device == "cuda")
-        obj: Any = ray.put(weights_to_wire(sd, self._staging))
-        self._published = (obj, int(self.policy.version), time.time())
+        refs: dict[str, Any] = {}
+        for fmt in self.weights_formats:
+            if fmt == "hf":
+                sd = self.policy.hf_state_dict()  # LoRA merged into the base names of the HF model
+            else:
+                sd = self.policy.trainable_state_dict(device=None)  # the parameters: packing copies them once
+            # pack into one reused (pinned, on a GPU learner) buffer; ray.put copies it out
+            nbytes = packed_nbytes(sd)
+            if fmt not in self._staging or self._staging[fmt].numel() < nbytes:
+                self._staging[fmt] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device == "cuda")
+            refs[fmt] = ray.put(weights_to_wire(sd, self._staging[fmt], version=int(self.policy.version)))
+        self._published = (refs, int(self.policy.version), time.time())
         self._metrics.observe("vlrm_weight_publish_seconds", time.perf_counter() - t0)
-        return obj, int(self.policy.version)
+        return refs, int(self.policy.version)
 
-    def get_weights(self) -> tuple[Any, int]:
-        """``(ObjectRef, version)`` of the last published weights (trainable tensors only)."""
-        obj, version, _ = self._published  # type: ignore[misc]
-        return obj, version
+    def get_weights(self, weights_format: str = "policy") -> tuple[Any, int]:
+        """``(ObjectRef, version)`` of the last published weights in ``weights_format``."""
+        refs, version, _ = self._published  # type: ignore[misc]
+        if weights_format not in refs:
+            raise KeyError(f"no weights published in format {weights_format!r} (published: {sorted(refs)})")
+        return refs[weights_format], version
 
-    def get_weights_info(self) -> tuple[Any, int, float]:
-        """``(ref, version, published_at unix time)``."""
+    def get_weights_info(self) -> tuple[dict[str, Any], int, float]:
+        """``({format: ref}, version, published_at unix time)``."""
         return self._published  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ updates

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from vlrm.config import from_dict
+from vlrm.wire import wire_header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,7 +143,7 @@ def test_actors_generate_score_update_and_push(paths, tmp_path, ray_local):
     assert version == 1 and isinstance(ref, ray.ObjectRef)
     wire = ray.get(ref)  # one packed buffer (vlrm.wire), not a dict of tensors
     assert wire["data"].dtype == np.uint8 and wire["data"].ndim == 1
-    names = {name for name, *_ in wire["index"]}
+    names = {name for name, *_ in wire_header(wire)["index"]}
     assert names and all(("qformer" in n or "query_tokens" in n or "language_projection" in n or "lora_" in n
                           or n.startswith("value_head")) for n in names), sorted(names)[:5]
     assert not any("vision_model" in n for n in names)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlrm.wire import ALIGN, WIRE_FORMAT, packed_nbytes, weights_from_wire, weights_to_wire
+from vlrm.wire import ALIGN, WIRE_FORMAT, packed_nbytes, weights_from_wire, weights_to_wire, wire_header
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -20,9 +20,12 @@ def _state() -> dict[str, torch.Tensor]:
 
 def test_round_trip_keeps_names_dtypes_shapes_and_values():
     sd = _state()
-    wire = weights_to_wire(sd)
+    wire = weights_to_wire(sd, version=7)
     assert wire["format"] == WIRE_FORMAT and wire["data"].dtype == np.uint8
-    assert all(offset % ALIGN == 0 for *_, offset in wire["index"])
+    assert set(wire) == {"format", "header", "data"} and isinstance(wire["header"], bytes)  # msgpack, no pickle
+    header = wire_header(wire)
+    assert header["version"] == 7 and header["nbytes"] == packed_nbytes(sd)
+    assert all(offset % ALIGN == 0 for *_, offset in header["index"])
     assert wire["data"].nbytes == packed_nbytes(sd) == 4 * ALIGN + 64  # 30, 28, 48, 12, 4 bytes; 0 for empty
     back = weights_from_wire(wire)
     assert list(back) == list(sd)
@@ -61,3 +64,10 @@ def test_read_only_object_store_arrays_load_into_a_model():
     for k in sd:
         torch.testing.assert_close(params[k], sd[k], rtol=0, atol=0)
 
+
+
+def test_a_truncated_wire_is_refused_naming_the_sizes():
+    wire = weights_to_wire(_state())
+    wire["data"] = wire["data"][:100]
+    with pytest.raises(ValueError, match="truncated: 100 bytes of"):
+        weights_from_wire(wire)

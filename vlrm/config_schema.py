@@ -32,7 +32,7 @@ __all__ = [
     "ConfigError", "RunConfig", "DataConfig", "PolicyConfig", "RolloutConfig", "RewardConfig", "LearnerConfig",
     "EvalConfig", "ClusterConfig", "ClipComponent", "ItmComponent", "RefComponent", "BadComponent",
     "RepeatComponent", "LengthComponent", "PluginComponent", "BUILTIN_COMPONENTS", "default_components",
-    "validate", "run_dir", "Dtype",
+    "VLLMConfig", "rollout_backends", "validate", "run_dir", "Dtype",
 ]
 
 _STRICT = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
@@ -96,6 +96,19 @@ class PolicyConfig:
 
 
 @_section
+class VLLMConfig:
+    python: Annotated[str, "Python executable of the vLLM environment the vllm rollout actors run in (Ray "
+                           "runtime_env py_executable; built by 'make vllm-env'); empty: this one"] = ".venv-vllm/bin/python"
+    gpu_memory_utilization: Annotated[float, "share of the GPU's memory vLLM may take (weights + KV cache)"] = 0.5
+    cpu_kv_cache_gib: Annotated[int, "KV-cache size on a CPU engine, GiB (VLLM_CPU_KVCACHE_SPACE)"] = 1
+    max_num_seqs: Annotated[int, "most sequences vLLM runs in one step (images_per_batch * "
+                                 "samples_per_image fits in one)"] = 256
+    enforce_eager: Annotated[bool, "no CUDA graphs / torch.compile (faster start, slower decoding)"] = True
+    max_model_len: Annotated[int, "prompt (query tokens + BOS) plus caption tokens; 0: the model's own "
+                                  "limit"] = 0
+
+
+@_section
 class RolloutConfig:
     num_actors: Annotated[int, "number of rollout (generation) actors"] = 2
     num_cpus: Annotated[float, "CPUs reserved per rollout actor"] = 1.0
@@ -104,8 +117,11 @@ class RolloutConfig:
                          ">0 lets the learner go first"] = 0
     cpu_affinity: Annotated[list[int], "CPU core ids each rollout actor is pinned to on its node; empty: no "
                                        "pinning"] = field(default_factory=list)
-    backend: Annotated[str, "generation backend: a registered name ('hf': transformers generate) or "
-                            "'pkg.module:Class'"] = "hf"
+    backend: Annotated[str, "generation backend: a registered name ('hf': transformers generate, 'vllm': a "
+                            "vLLM engine with in-place weight updates) or 'pkg.module:Class'"] = "hf"
+    backend_per_actor: Annotated[list[str], "one backend per rollout actor (length rollout.num_actors), e.g. "
+                                            "[vllm, hf]; empty: every actor uses rollout.backend"] = field(default_factory=list)
+    vllm: Annotated[VLLMConfig, "the vllm backend's engine"] = field(default_factory=VLLMConfig)
     images_per_batch: Annotated[int, "images per rollout batch"] = 16
     samples_per_image: Annotated[int, "captions sampled per image (k); image features are computed once per "
                                       "image"] = 4
@@ -293,6 +309,11 @@ class RunConfig:
 # --------------------------------------------------------------------------------------
 
 
+def rollout_backends(r: RolloutConfig) -> list[str]:
+    """The backend of each rollout actor, in actor order."""
+    return list(r.backend_per_actor) if r.backend_per_actor else [r.backend] * int(r.num_actors)
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Range and cross-field checks; raises ConfigError naming the offending key."""
 
@@ -310,8 +331,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     r, w, l, e, c = cfg.rollout, cfg.reward, cfg.learner, cfg.eval, cfg.cluster
     need(cfg.data.source in SOURCES or is_target(cfg.data.source), "data.source",
          f"unknown data source {cfg.data.source!r}: built in are {', '.join(SOURCES)}, or give 'pkg.module:Class'")
-    need(r.backend in BACKENDS or is_target(r.backend), "rollout.backend",
-         f"unknown generation backend {r.backend!r}: built in are {', '.join(BACKENDS)}, or give 'pkg.module:Class'")
+    for key, name in [("rollout.backend", r.backend)] + [("rollout.backend_per_actor", b) for b in r.backend_per_actor]:
+        need(name in BACKENDS or is_target(name), key,
+             f"unknown generation backend {name!r}: built in are {', '.join(BACKENDS)}, or give 'pkg.module:Class'")
+    need(not r.backend_per_actor or len(r.backend_per_actor) == r.num_actors, "rollout.backend_per_actor",
+         f"needs one backend per rollout actor ({r.num_actors}), got {len(r.backend_per_actor)}")
+    need(cfg.mode != "local" or "vllm" not in rollout_backends(r), "rollout.backend",
+         "the vllm backend runs in rollout actors of its own, in the vLLM environment: use --mode async or "
+         "--mode sync (and 'make vllm-env'), or rollout.backend=hf with --mode local")
+    need(0.0 < r.vllm.gpu_memory_utilization <= 1.0, "rollout.vllm.gpu_memory_utilization",
+         f"must be in (0, 1], got {r.vllm.gpu_memory_utilization}")
+    at_least("rollout.vllm.cpu_kv_cache_gib", r.vllm.cpu_kv_cache_gib, 1)
+    at_least("rollout.vllm.max_num_seqs", r.vllm.max_num_seqs, 1)
+    at_least("rollout.vllm.max_model_len", r.vllm.max_model_len, 0)
     at_least("total_steps", cfg.total_steps, 0)
     need(cfg.time_budget_s is None or cfg.time_budget_s > 0, "time_budget_s", f"must be > 0 or null, got {cfg.time_budget_s}")
     at_least("data.image_size", cfg.data.image_size, 1)

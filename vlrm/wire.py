@@ -8,19 +8,23 @@ numpy array, the object is a single buffer: ``ray.put`` is one copy, and every a
 maps the same shared memory (numpy is zero-copy in Ray's object store) and moves it to its
 device in one transfer.
 
-Layout: ``{"format": WIRE_FORMAT, "index": [(name, dtype, shape, offset), ...], "data": uint8[n]}``;
-each tensor starts at a multiple of :data:`ALIGN` bytes.
+Layout: ``{"format": WIRE_FORMAT, "header": msgpack bytes, "data": uint8[n]}``. The header is
+``{"index": [[name, dtype, shape, offset], ...], "version": int, "nbytes": n}`` in msgpack, and
+the data a plain byte array: nothing in a wire is a pickled torch or library object, so the
+learner and a rollout actor in another Python environment (the vLLM one, with other torch and
+transformers versions) read it alike. Each tensor starts at a multiple of :data:`ALIGN` bytes.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Mapping
 
+import msgpack
 import torch
 
-__all__ = ["WIRE_FORMAT", "ALIGN", "packed_nbytes", "weights_to_wire", "weights_from_wire"]
+__all__ = ["WIRE_FORMAT", "ALIGN", "packed_nbytes", "weights_to_wire", "weights_from_wire", "wire_header"]
 
-WIRE_FORMAT = "vlrm-flat-1"
+WIRE_FORMAT = "vlrm-flat-2"
 ALIGN = 64  # bytes; any dtype's view of a slice starting here is aligned
 
 
@@ -42,7 +46,8 @@ def _view(data: torch.Tensor, dtype: str, shape: tuple[int, ...], offset: int) -
     return data[offset:offset + math.prod(shape) * dt.itemsize].view(dt).view(shape)
 
 
-def weights_to_wire(sd: Mapping[str, torch.Tensor], buffer: torch.Tensor | None = None) -> dict[str, Any]:
+def weights_to_wire(sd: Mapping[str, torch.Tensor], buffer: torch.Tensor | None = None,
+                    version: int = 0) -> dict[str, Any]:
     """Pack ``sd`` (tensors on any device) into one CPU byte buffer.
 
     ``buffer``: a ``uint8`` CPU tensor of at least :func:`packed_nbytes` bytes to pack into and
@@ -64,15 +69,26 @@ def weights_to_wire(sd: Mapping[str, torch.Tensor], buffer: torch.Tensor | None 
         _view(data, dtype, shape, offset).copy_(t.detach(), non_blocking=t.is_cuda and data.is_pinned())
     if from_cuda:
         torch.cuda.synchronize()  # the non-blocking copies must land before the buffer is read
-    return {"format": WIRE_FORMAT, "index": index, "data": data.numpy()}
+    header = msgpack.packb({"index": [[n, d, list(sh), o] for n, d, sh, o in index], "version": int(version),
+                            "nbytes": int(nbytes)})
+    return {"format": WIRE_FORMAT, "header": header, "data": data.numpy()}
+
+
+def wire_header(wire: Mapping[str, Any]) -> dict[str, Any]:
+    """The decoded msgpack header of a wire (index, version, nbytes)."""
+    if not isinstance(wire, Mapping) or wire.get("format") != WIRE_FORMAT:
+        got = wire.get("format") if isinstance(wire, Mapping) else type(wire).__name__
+        raise ValueError(f"not a packed weights wire (format {got!r}, expected {WIRE_FORMAT!r})")
+    return msgpack.unpackb(wire["header"])
 
 
 def weights_from_wire(wire: Mapping[str, Any], device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a packed wire, as views of one buffer: on the CPU, of the wire's own memory
     (zero-copy from the object store, read-only: only ever copy from them); with ``device``, of
     one copy of the whole buffer there (one host-to-device transfer instead of one per tensor)."""
-    if wire.get("format") != WIRE_FORMAT:
-        raise ValueError(f"not a packed weights wire (format {wire.get('format')!r}, expected {WIRE_FORMAT!r})")
+    header = wire_header(wire)
+    if wire["data"].nbytes < header["nbytes"]:
+        raise ValueError(f"packed weights wire is truncated: {wire['data'].nbytes} bytes of {header['nbytes']}")
     import warnings
 
     with warnings.catch_warnings():  # numpy arrays from the object store are read-only
@@ -80,4 +96,4 @@ def weights_from_wire(wire: Mapping[str, Any], device: str | torch.device | None
         data = torch.from_numpy(wire["data"])
     if device is not None and torch.device(device) != data.device:
         data = data.to(device)
-    return {name: _view(data, dtype, tuple(shape), offset) for name, dtype, shape, offset in wire["index"]}
+    return {name: _view(data, dtype, tuple(shape), offset) for name, dtype, shape, offset in header["index"]}
