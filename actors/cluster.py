@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 from vlrm.config import RunConfig
 
-__all__ = ["init_ray", "localize_paths", "role_resources", "PROJECT_ROOT"]
+__all__ = ["init_ray", "localize_paths", "role_resources", "unplaceable", "check_before_start", "answers",
+           "learner_lost", "PROJECT_ROOT"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PATH_KEYS = (("data", "root"), ("data", "image_root"), ("policy", "model_path"), ("policy", "init_from"),
@@ -116,3 +117,80 @@ def role_resources(cfg: RunConfig, role: str, overrides: Mapping[str, Mapping[st
     if cluster and cluster.get(role, 0) > 0:
         return {role: 1.0}
     return None
+
+
+def unplaceable(cfg: RunConfig, placement: Mapping[str, Mapping[str, float] | None],
+                nodes: list[dict]) -> list[tuple[str, str]]:
+    """``(config key, reason)`` for each role whose actors no alive node can hold, or whose actors
+    together ask for more than the cluster has: Ray would otherwise leave them pending for ever
+    (the autoscaler's "no node type satisfies" message every half minute). ``nodes``: ``ray.nodes()``."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    total: dict[str, float] = {}
+    for res in alive:
+        for k, v in res.items():
+            total[k] = total.get(k, 0.0) + float(v)
+    problems, demand = [], {}
+    roles = (("rollout", cfg.rollout, cfg.rollout.num_actors), ("reward", cfg.reward, cfg.reward.num_actors),
+             ("learner", cfg.learner, cfg.learner.data_parallel_workers))
+    for role, sec, count in roles:
+        want = {"CPU": float(sec.num_cpus), "GPU": float(sec.num_gpus), **dict(placement.get(role) or {})}
+        want = {k: v for k, v in want.items() if v > 0}
+        for k, v in want.items():
+            demand[k] = demand.get(k, 0.0) + v * count
+        if not any(all(res.get(k, 0.0) >= v for k, v in want.items()) for res in alive):
+            key = f"{role}.num_gpus" if want.get("GPU", 0) > max((r.get("GPU", 0.0) for r in alive), default=0) \
+                else f"{role}.num_cpus" if want.get("CPU", 0) > max((r.get("CPU", 0.0) for r in alive), default=0) \
+                else f"{role}.resources"
+            problems.append((key, f"each {role} actor asks for {_fmt(want)}, and no node of this cluster has that "
+                                  f"(nodes: {'; '.join(_fmt(r) for r in alive) or 'none alive'})"))
+    for k in ("GPU",):
+        if demand.get(k, 0) > total.get(k, 0.0) + 1e-9:
+            problems.append((f"{k.lower()}s", f"the actors ask for {demand[k]:g} {k} in all, the cluster has "
+                                               f"{total.get(k, 0.0):g}"))
+    return problems
+
+
+def _fmt(res: Mapping[str, float]) -> str:
+    keep = {k: v for k, v in res.items() if not k.startswith(("node:", "memory", "object_store_memory"))}
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(keep.items())) or "nothing"
+
+
+def check_before_start(cfg: RunConfig, placement: Mapping[str, Mapping[str, float] | None], local: bool) -> None:
+    """What would fail or hang after the models load, refused before: a missing vLLM environment,
+    and actors that no node can hold. On a cluster this run did not start (one that may add nodes)
+    the latter is a warning, and the actors wait."""
+    import ray
+
+    from vlrm.config_schema import ConfigError, rollout_backends
+
+    if "vllm" in rollout_backends(cfg.rollout):
+        from actors.vllm_backend import check_vllm_environment
+
+        check_vllm_environment(cfg, local_cluster=not cfg.cluster.address)
+    problems = unplaceable(cfg, placement, ray.nodes())
+    if problems and local:  # nothing can add a node to a local cluster: fail now, not wait
+        key, why = problems[0]
+        raise ConfigError(f"'{key}': {why}" + "".join(f"; also '{k}': {w}" for k, w in problems[1:]), key=key)
+    for key, why in problems:
+        print(f"[vlrm] warning: '{key}': {why}; the actors wait until the cluster has it", flush=True)
+
+
+def answers(actor: Any, timeout: float = 30.0) -> bool:
+    """Whether an actor answers a ``ping`` (False: dead, restarting or unreachable)."""
+    import ray
+
+    try:
+        ray.get(actor.ping.remote(), timeout=timeout)
+        return True
+    except Exception:  # noqa: BLE001 - every failure means the same here
+        return False
+
+
+def learner_lost(run_dir: Path, cause: BaseException) -> RuntimeError:
+    """The one-line reason a run stops when its learner died: where it can continue from."""
+    from vlrm.run import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    where = (f"its last checkpoint is {ckpt.name}: continue with 'vlrm train --resume {run_dir}'"
+             if ckpt else "no checkpoint was written yet (learner.checkpoint_every)")
+    return RuntimeError(f"the learner actor died ({type(cause).__name__}), so the run stops; {where}")

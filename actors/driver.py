@@ -41,7 +41,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import ray
 
-from actors.cluster import init_ray, localize_paths, role_resources
+from actors.cluster import answers, check_before_start, init_ray, learner_lost, localize_paths, role_resources
 from vlrm.accounting import Accounting, peak_memory, summarize
 from vlrm.config import RunConfig
 from vlrm.evaluate import write_json
@@ -120,17 +120,13 @@ class DistributedEngine:
         from vlrm.backend import backend_class
         from vlrm.config_schema import rollout_backends
 
-        if "vllm" in rollout_backends(self.cfg.rollout):  # before any actor loads a model
-            from actors.vllm_backend import check_vllm_environment
-
-            check_vllm_environment(self.cfg, local_cluster=not self.cfg.cluster.address)
-
         cfg, name, ns = self.cfg, self.cfg.run_name, self.cfg.cluster.namespace
         t0 = time.perf_counter()
         print(f"[vlrm] {cfg.mode} run {self.ctx.dir} ({'resuming from ' + str(ckpt) if ckpt else 'new'}); Ray "
               f"{ray.__version__}, cluster resources {ray.cluster_resources()}", flush=True)
         cres = ray.cluster_resources()
         self.placement = {role: role_resources(cfg, role, self.resources, cres) for role in ("rollout", "reward", "learner")}
+        check_before_start(cfg, self.placement, local=self.started_ray)  # before any actor loads a model
         # with learner.data_parallel_workers > 1 this is rank 0; it starts the other ranks itself
         self.learner = LearnerActor.options(name=f"{name}.learner", namespace=ns,
                                             **learner_actor_options(cfg, self.placement["learner"])).remote(
@@ -255,7 +251,9 @@ class DistributedEngine:
             self.acc.on_scored(meta)
         else:
             self.generating.pop(task.actor, None)
-            self.acc.on_generated(meta)
+            if self.acc.on_generated(meta):
+                for e in meta.get("errors", []):  # the actor sends the first few of its batch
+                    print(f"[vlrm] skipped a bad image: {e}", flush=True)
         return meta
 
     def _wait(self, task: _Task) -> dict:  # sync mode: resubmit until the call succeeds
@@ -345,7 +343,12 @@ class DistributedEngine:
         """Run learner steps until ``stop(step, train_seconds)``; ``after_step(stats, step, dt,
         train_seconds, extra_metrics)`` logs, validates and checkpoints after each one."""
         run = self._train_sync if self.cfg.mode == "sync" else self._train_async
-        return run(sampler, step, train_seconds, after_step, stop)
+        try:
+            return run(sampler, step, train_seconds, after_step, stop)
+        except ray.exceptions.RayActorError as e:
+            if answers(self.learner):
+                raise
+            raise learner_lost(self.ctx.dir, e) from e
 
     def _after(self, after_step: Callable, stats: dict, dt: float, train_seconds: float, pipeline: dict) -> None:
         after_step(stats, int(stats["step"]), dt, train_seconds, self._step_metrics(stats, train_seconds, pipeline))

@@ -229,7 +229,8 @@ def bench_learner(st: Stages, scored: list, repeats: int, push_to: int) -> tuple
     rows = sum(int(r.get("consumed", 0)) + int(r.get("dropped_for_lag", 0)) for r in results)
     latencies, loads = [], []
     for _ in range(repeats):
-        wref, version = ray.get(st.learner.publish.remote())
+        wrefs, version = ray.get(st.learner.publish.remote())
+        wref = wrefs["policy"]
         published = ray.get(st.learner.get_weights_info.remote())[2]
         acks = ray.get([a.set_weights.remote(wref, version, published) for a in st.rollouts[:push_to]])
         latencies.append(max(float(x["latency_s"]) for x in acks))

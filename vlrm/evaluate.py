@@ -67,6 +67,10 @@ def evaluate_policy(policy: Any, split: Any, evaluator: ClipEvaluator, subset: i
     n = len(split) if subset is None else min(int(subset), len(split))
     captions: list[str] = []
     images, kept, errors = split.images(list(range(n)), skip_bad=True)
+    for e in errors[:10]:
+        print(f"[vlrm] evaluation skipped a bad image: {e}", flush=True)
+    if len(errors) > 10:
+        print(f"[vlrm] evaluation skipped {len(errors) - 10} more bad images", flush=True)
     if not images:
         raise ValueError(f"no decodable image among the first {n} rows of {split.source}")
     for i in range(0, len(images), batch_size):

@@ -28,7 +28,11 @@ def read_delta(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no delta file at {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # a truncated or corrupt file: safetensors' own error names no file
+            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and the loader's own errors
@@ -166,6 +170,9 @@ class PolicyWeights:
                if k in own and own[k].shape != v.shape]
         if bad:
             raise ValueError(f"delta {path} is for another model: {bad[:3]}")
+        unknown = sorted(k for k in sd if k not in own)
+        if unknown:
+            raise ValueError(f"delta {path} is for another model: tensors this BLIP-2 does not have: {unknown[:3]}")
         self._load_released({k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()}, strict=False)
 
     def _load_released(self, sd: dict[str, Tensor], strict: bool) -> None:

@@ -1,0 +1,73 @@
+"""Faults of a running Ray system: the learner dying, a checkpoint cut off mid-write. (Rollout and
+reward actors killed mid-run, repeatedly: tests/test_system.py.)"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+
+@pytest.fixture
+def ray_local():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, namespace="vlrm-faults", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _cfg(tiny_world, tiny_captioner_dir, tiny_clip_dir, out, steps):
+    from vlrm.config import from_dict
+
+    return from_dict({
+        "seed": 0, "mode": "async", "output_dir": str(out), "run_name": "faults", "total_steps": steps,
+        "data": {"root": str(tiny_world), "num_train": 64, "num_val": 32, "num_test": 32, "seed": 0, "image_size": 64},
+        "policy": {"model_path": str(tiny_captioner_dir), "value_head_hidden": 16},
+        "rollout": {"num_actors": 2, "num_cpus": 0.5, "images_per_batch": 2, "samples_per_image": 2, "max_new_tokens": 6},
+        "reward": {"num_actors": 1, "num_cpus": 0.5, "batch_wait_s": 0.05,
+                   "components": {"clip": {"weight": 1.0, "path": str(tiny_clip_dir)}}},
+        "learner": {"lr": 1e-3, "checkpoint_every": 2, "num_cpus": 0.5, "queue_size": 4, "max_policy_lag": 2},
+        "eval": {"evaluator_path": str(tiny_clip_dir), "val_every": 0, "gallery_size": 4, "max_new_tokens": 6},
+        "cluster": {"include_dashboard": False}})
+
+
+def test_learner_death_stops_the_run_with_a_resumable_message_and_the_last_checkpoint_resumes(
+        tiny_world, tiny_captioner_dir, tiny_clip_dir, tmp_path, ray_local):
+    """kill -9 of the learner mid-run: the driver stops with a one-line reason naming the last
+    checkpoint and the resume command (no hang); a checkpoint left half-written is never taken
+    for the last good one; ``--resume`` continues from the last good one to the end, with exact
+    accounting."""
+    ray = ray_local
+    from actors.driver import DistributedEngine
+    from learner.trainer import run_training
+    from vlrm.run import latest_checkpoint
+
+    killed = {}
+
+    def on_step(engine, step, stats):
+        if step == 5 and not killed:
+            killed["at"] = step
+            ray.kill(engine.learner, no_restart=True)
+
+    cfg = _cfg(tiny_world, tiny_captioner_dir, tiny_clip_dir, tmp_path, 8)
+    with pytest.raises(RuntimeError, match=r"learner actor died.*step_000004.*vlrm train --resume") as e:
+        run_training(cfg, DistributedEngine, on_step=on_step)
+    assert killed == {"at": 5}
+    run = tmp_path / "faults"
+    assert str(run) in str(e.value)
+    good = latest_checkpoint(run)
+    assert good.name == "step_000004"
+    # a checkpoint cut off mid-write (the learner dies inside save): a .tmp folder, ignored
+    half = good.with_name("step_000006.tmp")
+    shutil.copytree(good, half)
+    (half / "state.json").unlink()
+    assert latest_checkpoint(run) == good
+
+    again = run_training(_cfg(tiny_world, tiny_captioner_dir, tiny_clip_dir, tmp_path, 8), DistributedEngine,
+                         resume=run)
+    acc = json.loads((again / "accounting.json").read_text())
+    assert acc["identity_holds"] and acc["final_step"] == 8 and acc["steps"] == 4  # steps 5..8 again
+    assert latest_checkpoint(run).name == "step_000008"
