@@ -186,11 +186,19 @@ def answers(actor: Any, timeout: float = 30.0) -> bool:
         return False
 
 
-def learner_lost(run_dir: Path, cause: BaseException) -> RuntimeError:
-    """The one-line reason a run stops when its learner died: where it can continue from."""
+def learner_lost(run_dir: Path, cause: BaseException, accounting: dict) -> Exception:
+    """The one-line reason a run stops when its learner died, naming where it can continue from;
+    the interrupted attempt's accounting is appended to ``accounting_interrupted.json``."""
+    import json
+
+    from vlrm.accounting import LearnerLost
     from vlrm.run import latest_checkpoint
 
+    log = Path(run_dir) / "accounting_interrupted.json"
+    attempts = json.loads(log.read_text()) if log.exists() else []
+    log.write_text(json.dumps(attempts + [accounting], indent=2, sort_keys=True))
     ckpt = latest_checkpoint(run_dir)
     where = (f"its last checkpoint is {ckpt.name}: continue with 'vlrm train --resume {run_dir}'"
              if ckpt else "no checkpoint was written yet (learner.checkpoint_every)")
-    return RuntimeError(f"the learner actor died ({type(cause).__name__}), so the run stops; {where}")
+    return LearnerLost(f"the learner actor died ({type(cause).__name__}) at step {accounting['stopped_at_step']}, "
+                       f"so the run stops; {where}", run_dir, ckpt, accounting)

@@ -42,7 +42,7 @@ import numpy as np
 import ray
 
 from actors.cluster import answers, check_before_start, init_ray, learner_lost, localize_paths, role_resources
-from vlrm.accounting import Accounting, peak_memory, summarize
+from vlrm.accounting import Accounting, interrupted_accounting, peak_memory, summarize
 from vlrm.config import RunConfig
 from vlrm.evaluate import write_json
 from vlrm.raytools import RoleMetrics
@@ -158,6 +158,7 @@ class DistributedEngine:
               f"{learner_info['trainable_parameters']:,} trainable parameters on {learner_info['device']}", flush=True)
         state = ray.get(self.learner.resume_state.remote()) if ckpt is not None else None
         self.batch_counter = int(((state or {}).get("extra") or {}).get("batch_counter", 0))
+        self.last_step = int((state or {}).get("step", 0))
         return state or {}
 
     def evaluate(self, split: str, subset: int | None) -> dict:
@@ -188,7 +189,7 @@ class DistributedEngine:
             "learner_totals": learner_info["totals"], "nodes": self.nodes,
             "rollout_backends": {i["actor_id"]: i["backend"] for i in rollout_infos},
             "weight_push_latency_s": summarize(self.push_latencies), "weight_load_s": summarize(self.weight_load_s),
-            "peak_memory_mb": peaks}, self.ctx.dir / ACCOUNTING_FILE)
+            "peak_memory_mb": peaks, "interrupted_attempts": _interrupted(self.ctx.dir)}, self.ctx.dir / ACCOUNTING_FILE)
         print(f"[vlrm] {self.acc.line()}", flush=True)
         print("[vlrm] peak memory per actor (MiB): " + "; ".join(
             f"{role} RSS {m['rss']}" + (f", GPU {m['gpu']}" if m["gpu"] is not None else "")
@@ -348,9 +349,10 @@ class DistributedEngine:
         except ray.exceptions.RayActorError as e:
             if answers(self.learner):
                 raise
-            raise learner_lost(self.ctx.dir, e) from e
+            raise learner_lost(self.ctx.dir, e, interrupted_accounting(self.acc, self.last_step)) from e
 
     def _after(self, after_step: Callable, stats: dict, dt: float, train_seconds: float, pipeline: dict) -> None:
+        self.last_step = int(stats["step"])
         after_step(stats, int(stats["step"]), dt, train_seconds, self._step_metrics(stats, train_seconds, pipeline))
         if self.on_step is not None:
             self.on_step(self, int(stats["step"]), stats)
@@ -485,6 +487,14 @@ def _score_error(e: BaseException) -> BaseException:
         return RewardNaNError(f"reward actor returned a non-finite reward: {c}", rollout_ids=c.rollout_ids,
                               batch_ids=c.batch_ids, component=c.component)
     return e
+
+
+def _interrupted(run_dir: Any) -> list:
+    """Attempts of this run cut short by the learner's death (``actors.cluster.learner_lost``)."""
+    import json
+
+    log = run_dir / "accounting_interrupted.json"
+    return json.loads(log.read_text()) if log.exists() else []
 
 
 def _infos(actors: list) -> list[dict]:

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from vlrm.accounting import LearnerLost
 from vlrm.config import RunConfig
 from vlrm.data import open_source
 from vlrm.evaluate import write_json
@@ -97,7 +98,27 @@ def run_training(cfg: RunConfig, engine_cls: Callable[..., Any], resume: str | P
     that folder (same ``metrics.jsonl``, records after the checkpoint's step dropped) up to
     ``cfg.total_steps``. ``engine_options`` go to the engine (the Ray engine takes ``resources``
     and an ``on_step(engine, step, stats)`` callback).
+
+    When the learner actor dies (:class:`vlrm.accounting.LearnerLost`), the run continues from its
+    newest checkpoint with new actors, up to ``learner.restarts_from_checkpoint`` times: the
+    steps after that checkpoint are taken again, and what the dead attempt had generated but not
+    learned from is counted as lost with it (``accounting.json``, ``interrupted_attempts``).
     """
+    restarts = 0
+    while True:
+        try:
+            return _train(cfg, engine_cls, resume, **engine_options)
+        except LearnerLost as e:
+            if e.checkpoint is None or restarts >= cfg.learner.restarts_from_checkpoint:
+                raise
+            restarts += 1
+            print(f"[vlrm] {e}. Continuing from {e.checkpoint.name} with new actors (learner restart {restarts} of "
+                  f"{cfg.learner.restarts_from_checkpoint}); {e.accounting['lost_with_learner']} rollouts in flight "
+                  "were lost with it", flush=True)
+            resume = e.run_dir
+
+
+def _train(cfg: RunConfig, engine_cls: Callable[..., Any], resume: str | Path | None, **engine_options: Any) -> Path:
     run_path, ckpt = resolve_resume(resume) if resume is not None else (None, None)
     ctx = RunContext.create(cfg, existing=run_path)
     cfg = ctx.cfg

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["Accounting", "peak_memory", "summarize"]
+__all__ = ["Accounting", "LearnerLost", "interrupted_accounting", "peak_memory", "summarize"]
 
 
 @dataclass
@@ -106,3 +106,25 @@ def summarize(xs: list[float]) -> dict | None:
     a = np.asarray(xs, dtype=float)
     return {"n": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
             "p90": float(np.percentile(a, 90)), "max": float(a.max())}
+
+
+class LearnerLost(RuntimeError):
+    """The learner actor of a Ray run died. ``checkpoint``: the newest complete checkpoint (None
+    when none was written), from which the run can continue; ``accounting``: the interrupted
+    attempt's rows, every one in one bucket (:func:`interrupted_accounting`)."""
+
+    def __init__(self, message: str, run_dir: Any, checkpoint: Any, accounting: dict):
+        super().__init__(message)
+        self.run_dir, self.checkpoint, self.accounting = run_dir, checkpoint, accounting
+
+
+def interrupted_accounting(acc: Accounting, step: int) -> dict:
+    """An attempt cut short by the learner's death: what was generated and never learned from is
+    lost with it, split into ``unscored`` (generated, not yet scored) and ``scored_unconsumed``
+    (in the queue or in the dead learner's update). ``consistent``: no bucket is negative, so no
+    rollout was counted twice."""
+    unscored = acc.generated - acc.scored
+    unconsumed = acc.scored - acc.consumed - acc.dropped_for_lag
+    return acc.as_dict() | {"stopped_at_step": int(step), "unscored": unscored, "scored_unconsumed": unconsumed,
+                            "lost_with_learner": unscored + unconsumed,
+                            "consistent": unscored >= 0 and unconsumed >= 0}

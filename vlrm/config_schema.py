@@ -252,6 +252,8 @@ class LearnerConfig:
     checkpoint_every: Annotated[int, "save a checkpoint every this many steps; 0 disables (a final one is still "
                                      "saved)"] = 50
     keep_checkpoints: Annotated[int, "checkpoints kept in the run folder, the newest; 0 keeps every one"] = 3
+    restarts_from_checkpoint: Annotated[int, "times a Ray run continues from its last checkpoint when the learner "
+                                             "actor dies (new actors, the run's folder); 0: the run stops"] = 2
     log_every: Annotated[int, "write metrics every this many steps"] = 1
     print_every_s: Annotated[float, "seconds between progress lines on the console"] = 10.0
     data_parallel_workers: Annotated[int, "learner ranks in data parallel: each updates on its share of every "
@@ -386,6 +388,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     at_least("learner.checkpoint_every", l.checkpoint_every, 0, " (0 disables)")
     at_least("learner.log_every", l.log_every, 1)
     at_least("learner.keep_checkpoints", l.keep_checkpoints, 0, " (0 keeps every one)")
+    at_least("learner.restarts_from_checkpoint", l.restarts_from_checkpoint, 0, " (0: the run stops)")
     at_least("learner.print_every_s", l.print_every_s, 0)
     at_least("learner.data_parallel_workers", l.data_parallel_workers, 1)
     need(l.data_parallel_workers == 1 or cfg.mode != "local", "learner.data_parallel_workers",

@@ -53,7 +53,8 @@ def test_learner_death_stops_the_run_with_a_resumable_message_and_the_last_check
             ray.kill(engine.learner, no_restart=True)
 
     cfg = _cfg(tiny_world, tiny_captioner_dir, tiny_clip_dir, tmp_path, 8)
-    with pytest.raises(RuntimeError, match=r"learner actor died.*step_000004.*vlrm train --resume") as e:
+    cfg.learner.restarts_from_checkpoint = 0  # stop instead of continuing by itself (the next test)
+    with pytest.raises(RuntimeError, match=r"learner actor died.*at step 5.*step_000004.*vlrm train --resume") as e:
         run_training(cfg, DistributedEngine, on_step=on_step)
     assert killed == {"at": 5}
     run = tmp_path / "faults"
@@ -71,3 +72,34 @@ def test_learner_death_stops_the_run_with_a_resumable_message_and_the_last_check
     acc = json.loads((again / "accounting.json").read_text())
     assert acc["identity_holds"] and acc["final_step"] == 8 and acc["steps"] == 4  # steps 5..8 again
     assert latest_checkpoint(run).name == "step_000008"
+
+
+def test_learner_death_is_survived_from_the_last_checkpoint_with_the_rollouts_in_flight_accounted(
+        tiny_world, tiny_captioner_dir, tiny_clip_dir, tmp_path, ray_local):
+    """kill -9 of the learner at step 5, twice in one run (at step 5, then at step 7 of the next
+    attempt): each time the run continues from the newest checkpoint with new actors, the steps
+    after it are taken again (each step once in metrics.jsonl), and each interrupted attempt
+    accounts for every rollout it generated."""
+    ray = ray_local
+    from actors.driver import DistributedEngine
+    from learner.trainer import run_training
+    from vlrm.run import read_metrics
+
+    kills = []
+
+    def on_step(engine, step, stats):
+        if (step, len(kills)) in ((5, 0), (7, 1)):
+            kills.append(step)
+            ray.kill(engine.learner, no_restart=True)
+
+    run = run_training(_cfg(tiny_world, tiny_captioner_dir, tiny_clip_dir, tmp_path, 8), DistributedEngine,
+                       on_step=on_step)
+    assert kills == [5, 7]
+    acc = json.loads((run / "accounting.json").read_text())
+    assert acc["identity_holds"] and acc["final_step"] == 8 and acc["steps"] == 2  # the last attempt: steps 7, 8
+    lost = acc["interrupted_attempts"]
+    assert [a["stopped_at_step"] for a in lost] == [5, 7]
+    for a in lost:
+        assert a["consistent"] and a["generated"] == a["consumed"] + a["dropped_for_lag"] + a["lost_with_learner"]
+        assert a["consumed"] > 0
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 9))
