@@ -172,3 +172,50 @@ def test_real_photos_caption_and_evaluate(tmp_path, tiny_captioner_dir, tiny_cli
     got = out["results"][str(tiny_captioner_dir)]
     assert got["images"] == 50 and got["bad_images"] == 0 and got["gallery_size"] == 50
     assert 0 <= got["CIDEr"] and 0 <= got["clip_recall@1"] <= 1
+
+
+def _instances(tmp_path: Path, objects: dict[str, list[str]]) -> Path:
+    """A COCO instances file: each file name with the categories annotated in it."""
+    cats = sorted({c for cs in objects.values() for c in cs} | {"dog", "cat"})
+    ids = {c: i + 1 for i, c in enumerate(cats)}
+    images = [{"id": 1000 + i, "file_name": name} for i, name in enumerate(objects)]
+    anns = [{"id": j, "image_id": 1000 + i, "category_id": ids[c]}
+            for i, cs in enumerate(objects.values()) for j, c in enumerate(cs)]
+    path = tmp_path / "instances_val2014.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": i, "name": c} for c, i in ids.items()]}))
+    return path
+
+
+def test_chair_counts_hallucinated_objects_by_hand(tmp_path):
+    from vlrm.chair import CocoObjects
+
+    objs = CocoObjects(_instances(tmp_path, {"a.jpg": ["person", "dog"], "b.jpg": ["dining table", "cup"],
+                                             "c.jpg": ["hot dog"]}))
+    # synonyms, plurals and two-word names: men -> person, puppies -> dog, table -> dining table
+    assert objs.mentioned("Two men walk their puppies near a table") == {"person", "dog", "dining table"}
+    assert objs.mentioned("a hot dog on a plate") == {"hot dog"}  # not a dog
+    caps = ["a man with his dog", "a cat on a table next to a cup", "a hot dog and a cat and a bus"]
+    got = objs.chair(caps, ["a.jpg", "/images/b.jpg", 1002])
+    # mentions: {person, dog} + {cat, dining table, cup} + {hot dog, cat, bus} = 8; wrong: cat, cat, bus
+    assert got == {"CHAIR_i": 3 / 8, "CHAIR_s": 2 / 3, "chair_mentions": 8, "chair_captions": 3}
+    with pytest.raises(KeyError, match="z.jpg"):
+        objs.chair(["a dog"], ["z.jpg"])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a COCO instances file"):
+        CocoObjects(tmp_path / "bad.json")
+
+
+def test_vlrm_evaluate_reports_chair_with_coco_annotations(tmp_path, tiny_clip_dir):
+    import launch
+
+    path = _karpathy(tmp_path / "data", coco=True)
+    inst = _instances(tmp_path, {"im4.jpg": ["person"], "im5.jpg": ["bus"]})
+    given = tmp_path / "given.jsonl"
+    given.write_text(json.dumps({"row": 0, "caption": "a man and a dog"}) + "\n"
+                     + json.dumps({"row": 1, "caption": "a red bus"}) + "\n")
+    out = tmp_path / "eval.json"
+    assert launch.main(["evaluate", "--captions", str(given), "--data", str(path), "--split", "test", "--clip",
+                        str(tiny_clip_dir), "--chair", str(inst), "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["results"][str(given)]
+    assert got["CHAIR_i"] == 1 / 3 and got["CHAIR_s"] == 1 / 2  # the dog is not in im4.jpg

@@ -11,7 +11,8 @@ Parquet file, an image folder, or a folder of splits (a shapes world is recognis
 ``meta.json``). Metrics: CLIP Recall R@1/5/10 (caption -> image over the evaluated images, with
 the CLIP ``--clip``; model and gallery size are stored with the numbers), CLIPScore, and where the
 data has human references RefCLIPScore, BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap) and
-SPICE when its files are present; text statistics; a data source's own ground truth (the shapes
+SPICE when its files are present; CHAIR-i and CHAIR-s with ``--chair`` COCO instance
+annotations (:mod:`vlrm.chair`); text statistics; a data source's own ground truth (the shapes
 world's attribute precision and recall).
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from vlrm.metrics import retrieval_recall
 __all__ = ["main", "evaluate", "open_data", "TABLE_KEYS"]
 
 TABLE_KEYS = ("clip_recall@1", "clip_recall@5", "clip_recall@10", "CLIPScore", "RefCLIPScore", "BLEU-1", "BLEU-4",
-              "METEOR", "ROUGE-L", "CIDEr", "SPICE", "mean_words", "vocabulary", "distinct_captions",
+              "METEOR", "ROUGE-L", "CIDEr", "SPICE", "CHAIR_i", "CHAIR_s", "mean_words", "vocabulary", "distinct_captions",
               "bad_phrase_rate", "repetition_rate", "attribute_precision", "attribute_recall")
 
 
@@ -60,9 +61,9 @@ def open_data(spec: str, split: str | None, image_root: str | None = None, cache
 
 
 def evaluate(captions: Sequence[str], rows: Sequence[int], split: Any, source: DataSource | None, clip: Any,
-             spice: bool = False, images: Sequence[Any] | None = None) -> dict:
+             spice: bool = False, images: Sequence[Any] | None = None, chair: Any = None) -> dict:
     """Every metric of ``captions[i]`` for image ``rows[i]`` of ``split`` (``images``: those rows,
-    when the caller has decoded them already)."""
+    when the caller has decoded them already; ``chair``: a :class:`vlrm.chair.CocoObjects`)."""
     errors: list[str] = []
     if images is None:
         images, kept, errors = split.images(list(rows), skip_bad=True)
@@ -83,6 +84,11 @@ def evaluate(captions: Sequence[str], rows: Sequence[int], split: Any, source: D
     if references:
         out |= coco_caption_scores({i: refs for i, refs in enumerate(references)},
                                    {i: c for i, c in enumerate(captions)}, spice=spice)
+    if chair is not None:
+        paths = split.column("path", kept)
+        if not paths:
+            raise DatasetError(f"--chair needs the images' file names, and {split.source} has none")
+        out |= chair.chair(captions, paths)
     out |= text_statistics(captions)
     if source is not None:
         out |= source.ground_truth(split, kept, captions)
@@ -121,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
                      ("max-new-tokens", int)):
         p.add_argument(f"--{name}", type=tp, default=None, help="overrides the preset")
     p.add_argument("--spice", action="store_true", help="also SPICE (needs Stanford CoreNLP's files)")
+    p.add_argument("--chair", default=None, help="COCO instances file (instances_val2014.json): also CHAIR-i/CHAIR-s")
+    p.add_argument("--chair-synonyms", default=None, help="the CHAIR paper's synonyms.txt instead of the built-in table")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch-size", type=int, default=16)
@@ -144,6 +152,11 @@ def main(argv: Sequence[str]) -> dict:
                                             "max_new_tokens") if getattr(a, k) is not None}
     decoding = Decoding(**(asdict(decoding) | overrides))
     clip = ClipModel(a.clip, device=a.device)
+    chair = None
+    if a.chair:
+        from vlrm.chair import CocoObjects
+
+        chair = CocoObjects(a.chair, a.chair_synonyms)
     results: dict[str, dict] = {}
     if a.captions:
         records = read_jsonl(a.captions)
@@ -156,7 +169,7 @@ def main(argv: Sequence[str]) -> dict:
                 raise DatasetError(f"{a.captions}: {r.get('image')!r} is not an image of {split.source}")
             rows.append(int(row))
             caps.append(str(r["caption"]))
-        results[a.captions] = evaluate(caps, rows, split, source, clip, a.spice) | {"decoding": "given"}
+        results[a.captions] = evaluate(caps, rows, split, source, clip, a.spice, chair=chair) | {"decoding": "given"}
     specs = [(a.model, a.delta)] if a.model else []
     specs += [_split_delta(c) for c in a.compare]
     if specs:  # every model captions the same images, decoded once
@@ -168,7 +181,7 @@ def main(argv: Sequence[str]) -> dict:
             policy.load_delta(delta)
             spec = f"{model} + {delta}"
         caps = caption_images(policy, images, decoding, a.batch_size, progress=f"captioning ({spec})")
-        results[spec] = evaluate(caps, kept, split, source, clip, a.spice, images) | {"decoding": decoding.label()}
+        results[spec] = evaluate(caps, kept, split, source, clip, a.spice, images, chair) | {"decoding": decoding.label()}
         results[spec]["bad_images"] += len(errors)
     print(f"data {a.data} ({split.source}), {n} images; CLIP {a.clip}; decoding {decoding.label()}")
     print(table(results))
