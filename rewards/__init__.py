@@ -10,6 +10,7 @@ from typing import Any
 
 _EXPORTS = {
     "ClipReward": "rewards.clip_reward",
+    "BindingReward": "rewards.binding",
     "ItmReward": "rewards.itm_reward",
     "ReferenceLMReward": "rewards.ref_lm",
     "CombinedReward": "rewards.combine",

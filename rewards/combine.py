@@ -267,8 +267,16 @@ def _length(ctx: RewardContext) -> Callable:
     return LengthReward()
 
 
+def _binding(ctx: RewardContext, path: str, max_swaps: int = 4, groups: dict | None = None) -> Callable:
+    from rewards.binding import BindingReward
+
+    return BindingReward(path, device=ctx.device, groups=groups, max_swaps=max_swaps,
+                         precision=open_clip_precision(ctx.dtype))
+
+
 BUILTIN_FACTORIES: dict[str, Callable[..., Callable]] = {
-    "clip": _clip, "itm": _itm, "ref": _ref, "bad": _bad, "repeat": _repeat, "length": _length}
+    "clip": _clip, "itm": _itm, "ref": _ref, "bad": _bad, "repeat": _repeat, "length": _length,
+    "binding": _binding}
 
 
 def _call_factory(factory: Callable, ctx: RewardContext, options: Mapping[str, Any], name: str) -> Callable:

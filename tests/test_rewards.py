@@ -314,3 +314,44 @@ def test_a_users_reward_by_import_path(tmp_path, monkeypatch):
     missing = _reward_cfg(clip={"weight": 0.0}, x={"target": "no_such_module_xyz:f", "weight": 1.0})
     with pytest.raises(PluginError, match=r"cannot import reward component 'x' target 'no_such_module_xyz:f'"):
         build_reward(missing, "unused")
+
+
+# ------------------------------------------------------------------------ binding (counterfactual)
+
+
+def test_binding_swaps_trade_two_different_words_of_a_group():
+    from rewards.binding import DEFAULT_GROUPS, swaps
+
+    cap = "a large red circle at the top and a small blue square at the left"
+    got = swaps(cap, DEFAULT_GROUPS, max_swaps=8)
+    assert got[:4] == ["a large blue circle at the top and a small red square at the left",   # colour
+                       "a small red circle at the top and a large blue square at the left",   # size
+                       "a large red square at the top and a small blue circle at the left",   # shape
+                       "a large red circle at the left and a small blue square at the top"]   # position
+    assert len(got) == 4 and len(set(got)) == 4  # one pair per group here
+    assert swaps("a red circle", DEFAULT_GROUPS) == []  # nothing to bind
+    assert swaps("a red circle and a red square", DEFAULT_GROUPS) == ["a red square and a red circle"]
+    assert len(swaps(cap, DEFAULT_GROUPS, max_swaps=2)) == 2
+
+
+def test_binding_reward_is_the_caption_minus_its_swaps(tiny_clip_dir):
+    from rewards.binding import DEFAULT_GROUPS, BindingReward, swaps
+    from vlrm.clip import ClipModel
+
+    reward = BindingReward(str(tiny_clip_dir), max_swaps=3)
+    clip = ClipModel(str(tiny_clip_dir))
+    imgs = _images(2)
+    caps = ["a large red circle at the top and a small blue square at the left", "a red circle"]
+    got = reward(imgs, caps)
+    alts = swaps(caps[0], DEFAULT_GROUPS, 3)
+    sims = clip.similarity_matrix(imgs[:1], [caps[0]] + alts)[:, 0]
+    torch.testing.assert_close(got[0], sims[0] - sims[1:].mean(), rtol=1e-4, atol=1e-4)
+    assert got[1].item() == 0.0  # nothing to swap: neither paid nor punished
+    ctx = {"reward": {"components": {"clip": {"weight": 0.0}, "binding": {"weight": 0.5, "path": str(tiny_clip_dir),
+                                                                          "max_swaps": 3}}}}
+    from vlrm.config import from_dict
+
+    comb = build_reward(from_dict(ctx).reward, captioner_path="")
+    out = comb(imgs, caps)
+    torch.testing.assert_close(out.components["binding"], got, rtol=1e-4, atol=1e-4)
+    assert from_dict({}).reward.components["binding"].weight == 0.0  # off by default

@@ -31,7 +31,7 @@ from pydantic import ConfigDict, with_config
 __all__ = [
     "ConfigError", "RunConfig", "DataConfig", "PolicyConfig", "RolloutConfig", "RewardConfig", "LearnerConfig",
     "EvalConfig", "ClusterConfig", "ClipComponent", "ItmComponent", "RefComponent", "BadComponent",
-    "RepeatComponent", "LengthComponent", "PluginComponent", "BUILTIN_COMPONENTS", "default_components",
+    "RepeatComponent", "LengthComponent", "BindingComponent", "PluginComponent", "BUILTIN_COMPONENTS", "default_components",
     "VLLMConfig", "rollout_backends", "validate", "run_dir", "Dtype",
 ]
 
@@ -182,6 +182,16 @@ class LengthComponent:
 
 
 @_section
+class BindingComponent:
+    weight: Annotated[float, "weight in the total reward (0: never computed)"] = 0.0
+    path: Annotated[str, "CLIP that compares the caption with its attribute swaps (rewards/binding.py)"] = \
+        "models/shapes/reward_clip"
+    max_swaps: Annotated[int, "attribute swaps per caption"] = 4
+    groups: Annotated[Optional[dict[str, list[str]]], "word groups whose members trade places (colours, sizes, "
+                                                      "shapes, positions); null: the built-in groups"] = None
+
+
+@_section
 class PluginComponent:
     target: Annotated[str, "the factory: 'pkg.module:factory' or 'path/to/file.py:factory'"]
     weight: Annotated[float, "weight in the total reward (0: never computed)"] = 1.0
@@ -190,7 +200,8 @@ class PluginComponent:
 
 
 BUILTIN_COMPONENTS: dict[str, type] = {"clip": ClipComponent, "itm": ItmComponent, "ref": RefComponent,
-                                       "bad": BadComponent, "repeat": RepeatComponent, "length": LengthComponent}
+                                       "bad": BadComponent, "repeat": RepeatComponent, "length": LengthComponent,
+                                       "binding": BindingComponent}
 
 
 def default_components() -> dict[str, Any]:
