@@ -23,7 +23,6 @@ shape swap 66 % (BENCHMARKS.md, "Captions that are true").
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import torch
@@ -37,21 +36,39 @@ DEFAULT_GROUPS: dict[str, list[str]] = {
     "color": ["red", "green", "blue", "yellow", "purple", "orange", "black", "gray", "grey", "white", "brown", "pink"],
     "size": ["small", "large", "big", "little", "tiny", "huge"],
     "shape": ["circle", "square", "triangle", "cross", "circles", "squares", "triangles", "crosses"],
-    "position": ["top", "bottom", "left", "right", "center", "middle", "upper", "lower"],
+    "position": ["top left", "top right", "bottom left", "bottom right", "upper left", "upper right", "lower left",
+                 "lower right", "top middle", "bottom middle", "middle left", "middle right", "top", "bottom", "left",
+                 "right", "center", "middle"],
 }
 
 
+def _spans(words: list[str], entries: Sequence[str]) -> list[tuple[int, int]]:
+    """``(start, end)`` word spans of the group's entries in ``words``, longest entries first, not
+    overlapping ("top left" is one position, not "top" and "left")."""
+    by_len = sorted({tuple(e.split()) for e in entries}, key=len, reverse=True)
+    out, i = [], 0
+    while i < len(words):
+        for e in by_len:
+            if tuple(words[i:i + len(e)]) == e:
+                out.append((i, i + len(e)))
+                i += len(e)
+                break
+        else:
+            i += 1
+    return out
+
+
 def swaps(caption: str, groups: dict[str, Sequence[str]], max_swaps: int = 4) -> list[str]:
-    """Versions of ``caption`` (lower-cased) with two different words of one group exchanged,
-    the rest of the text untouched: the first pair of each group, then the next pairs, up to
-    ``max_swaps``."""
-    tokens = re.split(r"(\W+)", caption)
-    low = [t.lower() for t in tokens]
-    per_group: list[list[tuple[int, int]]] = []
-    for words in groups.values():
-        vocab = set(words)
-        at = [i for i, t in enumerate(low) if t in vocab]
-        pairs = [(i, j) for k, i in enumerate(at) for j in at[k + 1:] if low[i] != low[j]]
+    """Versions of ``caption`` (lower-cased, one space between words, punctuation kept on its
+    word) with two different entries of one group exchanged: the first pair of each group, then
+    the next pairs, up to ``max_swaps``."""
+    words = caption.lower().split()
+    bare = [w.strip(".,;:!?") for w in words]
+    per_group: list[list[tuple[tuple[int, int], tuple[int, int]]]] = []
+    for entries in groups.values():
+        at = _spans(bare, [e.lower() for e in entries])
+        text = [" ".join(bare[a:b]) for a, b in at]
+        pairs = [(at[k], at[m]) for k in range(len(at)) for m in range(k + 1, len(at)) if text[k] != text[m]]
         if pairs:
             per_group.append(pairs)
     out: list[str] = []
@@ -59,10 +76,13 @@ def swaps(caption: str, groups: dict[str, Sequence[str]], max_swaps: int = 4) ->
     while len(out) < max_swaps and any(depth < len(p) for p in per_group):
         for pairs in per_group:
             if depth < len(pairs) and len(out) < max_swaps:
-                i, j = pairs[depth]
-                t = list(low)
-                t[i], t[j] = t[j], t[i]
-                out.append("".join(t))
+                (a0, a1), (b0, b1) = pairs[depth]
+                tail = words[b1 - 1][len(bare[b1 - 1]):] if words[b1 - 1] != bare[b1 - 1] else ""
+                mid_tail = words[a1 - 1][len(bare[a1 - 1]):] if words[a1 - 1] != bare[a1 - 1] else ""
+                first, second = bare[b0:b1], bare[a0:a1]
+                first = first[:-1] + [first[-1] + mid_tail]
+                second = second[:-1] + [second[-1] + tail]
+                out.append(" ".join(words[:a0] + first + words[a1:b0] + second + words[b1:]))
         depth += 1
     return out
 

@@ -7,7 +7,9 @@ The first table is the evaluator's R@1 for scene descriptions with chosen attrib
 made wrong at a chosen rate; the second (with ``--captioner``) how often the captioner, teacher-
 forced, gives the true full description a higher log-probability than the same description with
 one kind of attribute made wrong (:func:`prefers_truth`): whether it grounds that kind of word,
-whatever it says when it samples.
+whatever it says when it samples. The third (with ``--binding-clip``) how often a CLIP scores the
+true full description above the same description with two objects' colours (shapes, sizes,
+positions) swapped (:func:`clip_binding`): what the ``binding`` reward can pay for.
 
 Each row rewrites every test scene's full description ("a large blue triangle at the center and
 ... on a black background"): an attribute may be dropped (shape -> "object"; no size, colour,
@@ -107,6 +109,30 @@ def captioner_grounding(captioner_dir, images, scenes, seed: int = 0) -> dict[st
     return prefers_truth(policy, policy.preprocess(images), scenes, np.random.default_rng(seed))
 
 
+def clip_binding(clip_dir, images, scenes) -> dict[str, dict[str, float]]:
+    """Per word group, the share of images whose true full description a CLIP scores above the
+    first swap of two of its objects' words of that group (``rewards.binding.swaps``), over the
+    images that have such a swap, and how many those are."""
+    from rewards.binding import DEFAULT_GROUPS, swaps
+    from shapes_world.world import Scene, full_description
+    from vlrm.clip import ClipModel
+
+    clip = ClipModel(str(clip_dir))
+    feats = clip.encode_images(images)
+    truths = [full_description(Scene.from_dict(sc)) for sc in scenes]
+    out = {}
+    for group, words in DEFAULT_GROUPS.items():
+        pairs = [(i, alt[0]) for i, t in enumerate(truths) if (alt := swaps(t, {group: words}, max_swaps=1))]
+        if not pairs:
+            continue
+        idx = [i for i, _ in pairs]
+        t_true = clip.encode_texts([truths[i] for i in idx])
+        t_swap = clip.encode_texts([a for _, a in pairs])
+        wins = ((feats[idx] * t_true).sum(-1) > (feats[idx] * t_swap).sum(-1)).float().mean()
+        out[group] = {"prefers_truth": float(wins), "images": len(idx)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -120,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--evaluator", default="models/shapes/eval_clip")
     p.add_argument("--captioner", default=None, help="also probe what this BLIP-2 captioner grounds")
     p.add_argument("--probe-images", type=int, default=300, help="images for the captioner probe")
+    p.add_argument("--binding-clip", action="append", default=[], help="also how often this CLIP tells the true "
+                   "description from one with two objects' words swapped (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     ds = open_split(split_path(a.data, a.split))
@@ -143,6 +171,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'wrong words':12s} {'prefers truth':>14s} {'mean gap (nats)':>16s}")
         for kind, v in probe.items():
             print(f"{kind:12s} {v['prefers_truth']:14.3f} {v['gap_nats']:16.2f}")
+    for clip_dir in a.binding_clip:
+        print(f"\n{clip_dir}: true description vs two objects' words of one group swapped")
+        print(f"{'swapped':12s} {'prefers truth':>14s} {'images':>7s}")
+        for group, v in clip_binding(clip_dir, images, scenes).items():
+            print(f"{group:12s} {v['prefers_truth']:14.3f} {v['images']:7d}")
 
 
 if __name__ == "__main__":

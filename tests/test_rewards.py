@@ -332,6 +332,9 @@ def test_binding_swaps_trade_two_different_words_of_a_group():
     assert swaps("a red circle", DEFAULT_GROUPS) == []  # nothing to bind
     assert swaps("a red circle and a red square", DEFAULT_GROUPS) == ["a red square and a red circle"]
     assert len(swaps(cap, DEFAULT_GROUPS, max_swaps=2)) == 2
+    # two-word positions move whole; punctuation stays where it was
+    assert swaps("a circle at the top left, a cross at the bottom", {"position": DEFAULT_GROUPS["position"]}) == [
+        "a circle at the bottom, a cross at the top left"]
 
 
 def test_binding_reward_is_the_caption_minus_its_swaps(tiny_clip_dir):
