@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def write_split(path: Path, rows: int) -> None:
-    """A shapes-world-like Parquet split of ``rows`` 64x64 PNG images in row groups of 1000."""
+def write_split(path: Path, rows: int, row_group: int = 1000) -> None:
+    """A Parquet split of ``rows`` 64x64 PNG images of noise (about 12 KB each) in row groups of
+    ``row_group`` rows."""
     import io
 
     import numpy as np
@@ -47,7 +48,7 @@ def write_split(path: Path, rows: int) -> None:
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
         pngs.append(buf.getvalue())
-    pq.write_table(pa.table({"image": [pngs[i % 64] for i in range(rows)]}), path, row_group_size=1000)
+    pq.write_table(pa.table({"image": [pngs[i % 64] for i in range(rows)]}), path, row_group_size=row_group)
 
 
 def _rss_mib() -> float:
@@ -158,16 +159,18 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=20000)
     p.add_argument("--consumers", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--row-group", type=int, default=1000, help="rows per Parquet row group")
     a = p.parse_args()
     import ray
 
     ray.init(num_cpus=a.consumers + 1, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.parquet"
-        write_split(path, a.rows)
+        write_split(path, a.rows, a.row_group)
         results = [run(m, path, a.rows, a.consumers, a.batch) for m in ("rows", "ray-data")]
     ray.shutdown()
-    print(f"\none epoch of {a.rows} images to {a.consumers} consumer actors in batches of {a.batch}; "
+    print(f"\none epoch of {a.rows} images (row groups of {a.row_group}) to {a.consumers} consumer actors in batches "
+          f"of {a.batch}; "
           f"{platform.machine()}, {os.cpu_count()} CPUs, Ray {ray.__version__}")
     print(f"{'method':10s} {'images':>7s} {'seconds':>8s} {'images/s':>9s} {'consumer peak RSS MiB':>22s} "
           f"{'object store peak MiB':>22s}")

@@ -133,6 +133,17 @@ class ParquetSplit(ImageSplit):
         self._budget = int(cache_mb * 2**20)
         self._cache: OrderedDict[int, pa.Array] = OrderedDict()
         self._cached_bytes = 0
+        groups = meta.num_row_groups
+        total = sum(meta.row_group(g).total_byte_size for g in range(groups))
+        if groups > 1 and total > self._budget and total / groups > self._budget / 16:
+            # a shuffled batch of 16 images reads about 16 row groups: when those do not fit in the
+            # cache, every image costs a whole row group (measured: BENCHMARKS.md, "Ray Data")
+            import warnings
+
+            warnings.warn(f"{path}: row groups of {total / groups / 2**20:.0f} MiB on average, and a shuffled "
+                          f"batch reads one per image, more than data.cache_mb={cache_mb:g} holds; rewrite it with "
+                          "smaller row groups (pyarrow row_group_size, e.g. 64 rows of photos) or raise "
+                          "data.cache_mb", stacklevel=2)
 
     def __len__(self) -> int:
         return self._starts[-1]
