@@ -43,7 +43,7 @@ print(json.dumps({"rows": len(split), "imports": base, "opened": opened, "read":
 """
 
 
-def make(root: Path, n: int, kind: str) -> None:
+def make(root: Path, n: int, kind: str, row_group: int = 1000) -> None:
     from PIL import Image
     import numpy as np
 
@@ -65,7 +65,8 @@ def make(root: Path, n: int, kind: str) -> None:
         root.mkdir(parents=True, exist_ok=True)
         with pq.ParquetWriter(root / "train.parquet", pa.schema([("image", pa.binary())])) as w:
             for s in range(0, n, 1000):
-                w.write_table(pa.table({"image": [png(i) for i in range(s, min(n, s + 1000))]}), row_group_size=1000)
+                w.write_table(pa.table({"image": [png(i) for i in range(s, min(n, s + 1000))]}),
+                              row_group_size=row_group)
 
 
 def main() -> None:
@@ -74,17 +75,18 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=300)
     p.add_argument("--cache-mb", type=float, default=64.0)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--row-group", type=int, default=1000, help="rows per Parquet row group")
     a = p.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="vlrm-mem-"))
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs; command: python benchmarks/bench_data_memory.py "
-          f"{' '.join(sys.argv[1:])}; 64x64 noise PNGs (12 KB each), {a.batches} random batches of 16, data.cache_mb {a.cache_mb}")
+          f"{' '.join(sys.argv[1:])}; 64x64 noise PNGs (12 KB each), {a.batches} random batches of 16, data.cache_mb {a.cache_mb}, Parquet row groups of {a.row_group}")
     print(f"{'source':<8}{'images':>9}{'RSS imports (MiB)':>19}{'opened':>9}{'read':>9}{'read / smallest':>17}")
     for kind in ("folder", "parquet"):
         first = None
         for n in a.sizes:
-            root = work / f"{kind}-{n}"
+            root = work / (f"{kind}-{n}" if kind == "folder" else f"{kind}-{n}-rg{a.row_group}")
             if not root.exists():
-                make(root, n, kind)
+                make(root, n, kind, a.row_group)
             env = dict(os.environ, PYTHONPATH=str(ROOT))
             r = subprocess.run([sys.executable, "-c", PROBE, kind, str(root), str(a.batches), str(a.cache_mb)],
                                env=env, capture_output=True, text=True, check=True)

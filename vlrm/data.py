@@ -182,14 +182,25 @@ class ParquetSplit(ImageSplit):
         return values.to_pylist() if rows is None else values.take(pa.array(list(rows), pa.int64())).to_pylist()
 
 
-def _list_images(root: Path) -> np.ndarray:
-    """The image files under ``root``, sorted, as one fixed-width byte array (UTF-8): built one
-    directory at a time, so listing 100,000 files never holds 100,000 Python strings at once."""
-    chunks = []
-    for folder, _, files in os.walk(root):
-        names = [os.path.join(folder, f).encode() for f in files if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
-        if names:
-            chunks.append(np.array(names))
+def _list_images(root: Path, chunk: int = 4096) -> np.ndarray:
+    """The image files under ``root``, relative to it, sorted, as one fixed-width byte array
+    (UTF-8): read with ``os.scandir`` a few thousand names at a time, so listing 100,000 files
+    never holds 100,000 Python strings at once."""
+    chunks, names, stack = [], [], [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel) if rel else root) as it:
+            for e in it:
+                name = os.path.join(rel, e.name) if rel else e.name
+                if e.is_dir():
+                    stack.append(name)
+                elif os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES:
+                    names.append(name.encode())
+                    if len(names) >= chunk:
+                        chunks.append(np.array(names))
+                        names = []
+    if names:
+        chunks.append(np.array(names))
     if not chunks:
         return np.array([], dtype="S1")
     width = max(c.dtype.itemsize for c in chunks)
@@ -197,11 +208,14 @@ def _list_images(root: Path) -> np.ndarray:
 
 
 class FolderSplit(ImageSplit):
-    """A folder tree of image files; only the sorted paths are held."""
+    """A folder tree of image files; only the sorted paths (relative to the folder) are held."""
+
+    _root = ""  # what ``paths`` are relative to ("": they are whole paths, as of_files and Karpathy lists)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.source = str(path)
+        self._root = str(self.path)
         self.paths = _list_images(self.path)
         if not len(self.paths):
             raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
@@ -210,7 +224,7 @@ class FolderSplit(ImageSplit):
     def of_files(cls, paths: Sequence[str | Path], source: str) -> "FolderSplit":
         """A split of the given image files, in that order."""
         split = cls.__new__(cls)
-        split.path, split.source = Path(source), str(source)
+        split.path, split.source, split._root = Path(source), str(source), ""
         split.paths = np.array([str(p).encode() for p in paths]) if len(paths) else np.array([], dtype="S1")
         if not len(split.paths):
             raise DatasetError(f"no images listed in {source}")
@@ -223,7 +237,8 @@ class FolderSplit(ImageSplit):
         return f"{self.path_of(row)} (row {row})"
 
     def path_of(self, row: int) -> str:
-        return self.paths[int(row)].decode()
+        rel = self.paths[int(row)].decode()
+        return os.path.join(self._root, rel) if self._root else rel
 
     def encoded(self, rows: Sequence[int]) -> list[bytes | OSError]:
         out: list[bytes | OSError] = []
