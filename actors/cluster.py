@@ -189,14 +189,10 @@ def answers(actor: Any, timeout: float = 30.0) -> bool:
 def learner_lost(run_dir: Path, cause: BaseException, accounting: dict) -> Exception:
     """The one-line reason a run stops when its learner died, naming where it can continue from;
     the interrupted attempt's accounting is appended to ``accounting_interrupted.json``."""
-    import json
-
-    from vlrm.accounting import LearnerLost
+    from vlrm.accounting import LearnerLost, record_interrupted
     from vlrm.run import latest_checkpoint
 
-    log = Path(run_dir) / "accounting_interrupted.json"
-    attempts = json.loads(log.read_text()) if log.exists() else []
-    log.write_text(json.dumps(attempts + [accounting], indent=2, sort_keys=True))
+    record_interrupted(run_dir, accounting)
     ckpt = latest_checkpoint(run_dir)
     where = (f"its last checkpoint is {ckpt.name}: continue with 'vlrm train --resume {run_dir}'"
              if ckpt else "no checkpoint was written yet (learner.checkpoint_every)")

@@ -42,7 +42,7 @@ import numpy as np
 import ray
 
 from actors.cluster import answers, check_before_start, init_ray, learner_lost, localize_paths, role_resources
-from vlrm.accounting import Accounting, interrupted_accounting, peak_memory, summarize
+from vlrm.accounting import Accounting, interrupted_accounting, interrupted_attempts, peak_memory, summarize
 from vlrm.config import RunConfig
 from vlrm.evaluate import write_json
 from vlrm.raytools import RoleMetrics
@@ -189,7 +189,7 @@ class DistributedEngine:
             "learner_totals": learner_info["totals"], "nodes": self.nodes,
             "rollout_backends": {i["actor_id"]: i["backend"] for i in rollout_infos},
             "weight_push_latency_s": summarize(self.push_latencies), "weight_load_s": summarize(self.weight_load_s),
-            "peak_memory_mb": peaks, "interrupted_attempts": _interrupted(self.ctx.dir)}, self.ctx.dir / ACCOUNTING_FILE)
+            "peak_memory_mb": peaks, "interrupted_attempts": interrupted_attempts(self.ctx.dir)}, self.ctx.dir / ACCOUNTING_FILE)
         print(f"[vlrm] {self.acc.line()}", flush=True)
         print("[vlrm] peak memory per actor (MiB): " + "; ".join(
             f"{role} RSS {m['rss']}" + (f", GPU {m['gpu']}" if m["gpu"] is not None else "")
@@ -487,14 +487,6 @@ def _score_error(e: BaseException) -> BaseException:
         return RewardNaNError(f"reward actor returned a non-finite reward: {c}", rollout_ids=c.rollout_ids,
                               batch_ids=c.batch_ids, component=c.component)
     return e
-
-
-def _interrupted(run_dir: Any) -> list:
-    """Attempts of this run cut short by the learner's death (``actors.cluster.learner_lost``)."""
-    import json
-
-    log = run_dir / "accounting_interrupted.json"
-    return json.loads(log.read_text()) if log.exists() else []
 
 
 def _infos(actors: list) -> list[dict]:

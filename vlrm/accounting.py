@@ -12,7 +12,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["Accounting", "LearnerLost", "interrupted_accounting", "peak_memory", "summarize"]
+__all__ = ["Accounting", "LearnerLost", "interrupted_accounting", "record_interrupted", "interrupted_attempts",
+           "peak_memory", "summarize"]
+
+INTERRUPTED_FILE = "accounting_interrupted.json"  # in the run folder: attempts cut short by the learner's death
 
 
 @dataclass
@@ -128,3 +131,21 @@ def interrupted_accounting(acc: Accounting, step: int) -> dict:
     return acc.as_dict() | {"stopped_at_step": int(step), "unscored": unscored, "scored_unconsumed": unconsumed,
                             "lost_with_learner": unscored + unconsumed,
                             "consistent": unscored >= 0 and unconsumed >= 0}
+
+
+def record_interrupted(run_dir: Any, accounting: dict) -> None:
+    """Append an interrupted attempt's accounting to the run folder's record of them."""
+    import json
+    from pathlib import Path
+
+    log = Path(run_dir) / INTERRUPTED_FILE
+    log.write_text(json.dumps(interrupted_attempts(run_dir) + [accounting], indent=2, sort_keys=True))
+
+
+def interrupted_attempts(run_dir: Any) -> list:
+    """The attempts of a run cut short by the learner's death, oldest first."""
+    import json
+    from pathlib import Path
+
+    log = Path(run_dir) / INTERRUPTED_FILE
+    return json.loads(log.read_text()) if log.exists() else []
