@@ -203,7 +203,8 @@ class VLLMBackend:
     def _complete(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self._files is None:
             self._files = _checkpoint_files(self.model_path)
-        missing = [n for n in packed_siblings(list(state), self._packed, list(self._files)) if n not in self._frozen]
+        need = packed_siblings(list(state), self._packed, list(self._files))
+        missing = [n for n in need if n not in self._frozen]
         if missing:
             from safetensors import safe_open
 
@@ -214,7 +215,6 @@ class VLLMBackend:
                 with safe_open(str(f), "pt") as h:
                     for n in names:
                         self._frozen[n] = h.get_tensor(n)
-        need = packed_siblings(list(state), self._packed, list(self._files))
         return dict(state) | {n: self._frozen[n] for n in need}
 
     def load_weights(self, state: Mapping[str, torch.Tensor], version: int) -> None:
