@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from vlrm.config import ConfigError, format_help, load_config, parse_cli, peel_option, split_cli
+from vlrm.accounting import RunInterrupted
 from vlrm.data import DatasetError
 from vlrm.registry import PluginError, load_target
 
@@ -123,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as e:  # argparse's own usage errors (2) and --help (0)
         return int(e.code or 0) if not isinstance(e.code, str) else _fail(name, e.code)
+    except RunInterrupted as e:  # a lost learner or head: the message says how to continue
+        print(f"vlrm {name}: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"vlrm {name}: interrupted", file=sys.stderr)
         return 130

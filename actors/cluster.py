@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from vlrm.config import RunConfig
 
 __all__ = ["init_ray", "localize_paths", "role_resources", "unplaceable", "check_before_start", "answers",
-           "learner_lost", "PROJECT_ROOT"]
+           "learner_lost", "actor_died", "PROJECT_ROOT"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PATH_KEYS = (("data", "root"), ("data", "image_root"), ("policy", "model_path"), ("policy", "init_from"),
@@ -186,13 +186,23 @@ def answers(actor: Any, timeout: float = 30.0) -> bool:
         return False
 
 
+def actor_died(e: BaseException) -> bool:
+    """An actor (or the object it owned) was lost, as opposed to an error raised by our code."""
+    import ray
+
+    rex = ray.exceptions
+    kinds = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
+                                               "ObjectLostError", "OwnerDiedError") if hasattr(rex, n))
+    return isinstance(e, kinds)
+
+
 def learner_lost(run_dir: Path, cause: BaseException, accounting: dict) -> Exception:
     """The one-line reason a run stops when its learner died, naming where it can continue from;
     the interrupted attempt's accounting is appended to ``accounting_interrupted.json``."""
     from vlrm.accounting import LearnerLost, record_interrupted
     from vlrm.run import latest_checkpoint
 
-    record_interrupted(run_dir, accounting)
+    record_interrupted(run_dir, accounting | {"cause": "learner"})
     ckpt = latest_checkpoint(run_dir)
     where = (f"its last checkpoint is {ckpt.name}: continue with 'vlrm train --resume {run_dir}'"
              if ckpt else "no checkpoint was written yet (learner.checkpoint_every)")

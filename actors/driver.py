@@ -41,7 +41,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import ray
 
-from actors.cluster import answers, check_before_start, init_ray, learner_lost, localize_paths, role_resources
+from actors.cluster import (actor_died, answers, check_before_start, init_ray, learner_lost, localize_paths,
+                            role_resources)
+from actors.head_watch import watch_head
 from vlrm.accounting import Accounting, interrupted_accounting, interrupted_attempts, peak_memory, summarize
 from vlrm.config import RunConfig
 from vlrm.evaluate import write_json
@@ -107,6 +109,7 @@ class DistributedEngine:
         self.batch_origin: dict[str, str] = {}  # batch_id -> incarnation of the rollout actor that made it
         self._pending_acks: dict[Any, tuple[int, float]] = {}
         self._score_rr = 0
+        self.head_watch = None
 
     # ------------------------------------------------------------------ lifecycle hooks
 
@@ -159,6 +162,8 @@ class DistributedEngine:
         state = ray.get(self.learner.resume_state.remote()) if ckpt is not None else None
         self.batch_counter = int(((state or {}).get("extra") or {}).get("batch_counter", 0))
         self.last_step = int((state or {}).get("step", 0))
+        self.head_watch = watch_head(cfg.cluster.head_timeout_s, self.ctx.dir,
+                                     lambda: interrupted_accounting(self.acc, self.last_step))
         return state or {}
 
     def evaluate(self, split: str, subset: int | None) -> dict:
@@ -197,6 +202,8 @@ class DistributedEngine:
         return {"policy_version": learner_info["version"]}
 
     def close(self) -> None:
+        if self.head_watch is not None:
+            self.head_watch.stop()
         if self.queue is not None:
             try:
                 self.queue.shutdown(force=True)
@@ -235,7 +242,7 @@ class DistributedEngine:
         try:
             meta = ray.get(task.meta_ref)
         except Exception as e:
-            if not _is_actor_death(e) or task.attempts >= MAX_ATTEMPTS:
+            if not actor_died(e) or task.attempts >= MAX_ATTEMPTS:
                 raise _score_error(e) if task.scoring else e from None
             self.acc.resubmitted += 1
             if task.scoring:
@@ -347,6 +354,8 @@ class DistributedEngine:
         try:
             return run(sampler, step, train_seconds, after_step, stop)
         except ray.exceptions.RayActorError as e:
+            if self.head_watch is not None and not self.head_watch.reachable():
+                raise self.head_watch.lost() from e  # no cluster to restart actors on
             if answers(self.learner):
                 raise
             raise learner_lost(self.ctx.dir, e, interrupted_accounting(self.acc, self.last_step)) from e
@@ -466,15 +475,6 @@ class DistributedEngine:
             self.acc.discarded_at_stop += sum(b.num_rows for b in ray.get(leftover))
         self._collect_acks(timeout=5.0)
         return step, train_seconds
-
-
-def _is_actor_death(e: BaseException) -> bool:
-    """An actor (or the object it owned) was lost, as opposed to an error raised by our code."""
-    rex = ray.exceptions
-
-    kinds = tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
-                                               "ObjectLostError", "OwnerDiedError") if hasattr(rex, n))
-    return isinstance(e, kinds)
 
 
 def _score_error(e: BaseException) -> BaseException:

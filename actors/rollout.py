@@ -33,6 +33,7 @@ import torch
 from actors.backends import make_backend
 from vlrm.config import RunConfig
 from vlrm.data import open_source
+from vlrm.memory import memory_report, process_memory_policy
 from vlrm.raytools import BatchCache, RoleMetrics, actor_options, node_id, peak_memory_mb, pin_to_cores
 from vlrm.schema import make_rollout_batch
 from vlrm.wire import weights_from_wire
@@ -126,6 +127,7 @@ class RolloutWorker:
         except Exception:
             pass
         self._metrics = RoleMetrics("rollout", actor_id, ROLLOUT_METRICS)
+        self._trimmer = process_memory_policy(cfg.cluster)
         if weights_source is not None and (fetch_weights or self.reconstructed):
             import ray
 
@@ -179,6 +181,7 @@ class RolloutWorker:
         self._metrics.set("vlrm_samples_per_s", batch.num_rows / max(seconds, 1e-9))
         self._metrics.observe("vlrm_generate_seconds", seconds)
         self._cache.put(batch_id, (batch, meta))
+        self._trimmer.maybe()
         return batch, meta
 
     def set_weights(self, weights: Any, version: int, published_at: float | None = None) -> dict:
@@ -226,6 +229,10 @@ class RolloutWorker:
 
     def ping(self) -> str:
         return self.actor_id
+
+    def memory(self, trim: bool = False) -> dict:
+        """:func:`vlrm.memory.memory_report` of this actor's process."""
+        return memory_report(trim)
 
 
 def rollout_actor_options(cfg: RunConfig, resources: Mapping[str, float] | None = None,

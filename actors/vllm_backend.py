@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from vlrm.policy import Samples
+from vlrm.policy import Samples, mask_through_eos
 
 __all__ = ["VLLMBackend", "vllm_runtime_env", "packed_siblings"]
 
@@ -165,7 +165,7 @@ class VLLMBackend:
         for i, (ids, lp) in enumerate(zip(seqs, lps)):
             tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             logprobs[i, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
-        mask = _mask_through_eos(tokens, self.eos_token_id) & (torch.arange(t)[None, :] < torch.tensor(
+        mask = mask_through_eos(tokens, self.eos_token_id) & (torch.arange(t)[None, :] < torch.tensor(
             [len(s) for s in seqs])[:, None])
         tokens[~mask] = self.pad_token_id
         logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))
@@ -201,8 +201,6 @@ class VLLMBackend:
     # ------------------------------------------------------------------ weights
 
     def _complete(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self._files is None:
-            self._files = _checkpoint_files(self.model_path)
         need = packed_siblings(list(state), self._packed, list(self._files))
         missing = [n for n in need if n not in self._frozen]
         if missing:
@@ -219,7 +217,9 @@ class VLLMBackend:
 
     def load_weights(self, state: Mapping[str, torch.Tensor], version: int) -> None:
         """Swap pushed weights (``"hf"`` names) into the running engine between batches."""
-        unknown = [n for n in state if self._files is not None and n not in self._files]
+        if self._files is None:
+            self._files = _checkpoint_files(self.model_path)
+        unknown = [n for n in state if n not in self._files]
         if unknown:
             raise KeyError(f"pushed weights not in {self.model_path}: {unknown[:3]}")
         full = self._complete(state)
@@ -237,11 +237,6 @@ def _packed_modules(model: Any) -> dict[str, list[str]]:
         for k, v in (getattr(mod, "packed_modules_mapping", None) or {}).items():
             out[k] = list(v)
     return out
-
-
-def _mask_through_eos(tokens: torch.Tensor, eos: int) -> torch.Tensor:
-    is_eos = tokens == eos
-    return (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) == 0
 
 
 def check_vllm_environment(cfg: Any, local_cluster: bool = True) -> None:

@@ -43,6 +43,7 @@ import torch
 
 from vlrm.config import RunConfig
 from vlrm.data import open_source
+from vlrm.memory import memory_report, process_memory_policy
 from vlrm.raytools import RoleMetrics, actor_options, node_id, peak_memory_mb, pin_to_cores
 from vlrm.text import words
 
@@ -129,6 +130,7 @@ class LearnerWorker:
         self._published: tuple[Any, int, float] | None = None
         self._staging: dict[str, torch.Tensor] = {}  # per weights format, the reused buffer it is packed into
         self._metrics = RoleMetrics("learner", "learner", LEARNER_METRICS)
+        self._trimmer = process_memory_policy(cfg.cluster)
         if self.rank == 0 and publish:
             self.publish()
 
@@ -286,6 +288,7 @@ class LearnerWorker:
             m.observe("vlrm_update_seconds", update_s)
             for lag in set(lags.tolist()):  # one observation per distinct lag: a histogram of batches
                 m.observe("vlrm_policy_lag", lag)
+            self._trimmer.maybe()
             return out
 
     def _join_peers(self, calls: list) -> None:
@@ -375,6 +378,10 @@ class LearnerWorker:
 
     def ping(self) -> str:
         return "learner"
+
+    def memory(self, trim: bool = False) -> dict:
+        """:func:`vlrm.memory.memory_report` of this actor's process."""
+        return memory_report(trim)
 
 
 def _resolve(batches: Sequence[Any]) -> list[pa.RecordBatch]:

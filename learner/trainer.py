@@ -113,7 +113,7 @@ def run_training(cfg: RunConfig, engine_cls: Callable[..., Any], resume: str | P
                 raise
             restarts += 1
             print(f"[vlrm] {e}. Continuing from {e.checkpoint.name} with new actors (learner restart {restarts} of "
-                  f"{cfg.learner.restarts_from_checkpoint}); {e.accounting['lost_with_learner']} rollouts in flight "
+                  f"{cfg.learner.restarts_from_checkpoint}); {e.accounting['lost_in_flight']} rollouts in flight "
                   "were lost with it", flush=True)
             resume = e.run_dir
 

@@ -28,6 +28,7 @@ from rewards.combine import RewardError, build_reward
 from vlrm.config import RunConfig
 from vlrm.data import open_source
 from vlrm.images import unique_index
+from vlrm.memory import memory_report, process_memory_policy
 from vlrm.raytools import BatchCache, RoleMetrics, actor_options, node_id, peak_memory_mb, pin_to_cores
 from vlrm.schema import with_rewards
 
@@ -142,6 +143,7 @@ class RewardWorker:
         self.scored_rows = 0
         self.merged_calls = 0  # model calls that served more than one request
         self._metrics = RoleMetrics("reward", actor_id, REWARD_METRICS)
+        self._trimmer = process_memory_policy(cfg.cluster)
 
     # ------------------------------------------------------------------ async API (Ray)
 
@@ -185,6 +187,7 @@ class RewardWorker:
                 self._cache.put(meta["batch_id"], (s, meta))
                 if not fut.done():
                     fut.set_result((s, meta))
+        self._trimmer.maybe()
 
     # ------------------------------------------------------------------ sync API
 
@@ -218,6 +221,10 @@ class RewardWorker:
 
     def ping(self) -> str:
         return self.actor_id
+
+    def memory(self, trim: bool = False) -> dict:
+        """:func:`vlrm.memory.memory_report` of this actor's process."""
+        return memory_report(trim)
 
     # ------------------------------------------------------------------ internals
 

@@ -18,8 +18,8 @@ colour and size words of photo captions). At most ``max_swaps`` swaps per captio
 fixed order, so the reward is a function of (image, caption).
 
 How far CLIP itself can tell a caption from its swaps bounds what this pays for: the shapes
-world's reward CLIP prefers the true description over a colour swap 75 % of the time and over a
-shape swap 66 % (BENCHMARKS.md, "Captions that are true").
+world's reward CLIP prefers the true description over a colour swap 79 % of the time and over a
+shape swap 64 % (BENCHMARKS.md, "What limits the truth of the tuned captions?").
 """
 from __future__ import annotations
 

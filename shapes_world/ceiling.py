@@ -7,9 +7,10 @@ The first table is the evaluator's R@1 for scene descriptions with chosen attrib
 made wrong at a chosen rate; the second (with ``--captioner``) how often the captioner, teacher-
 forced, gives the true full description a higher log-probability than the same description with
 one kind of attribute made wrong (:func:`prefers_truth`): whether it grounds that kind of word,
-whatever it says when it samples. The third (with ``--binding-clip``) how often a CLIP scores the
-true full description above the same description with two objects' colours (shapes, sizes,
-positions) swapped (:func:`clip_binding`): what the ``binding`` reward can pay for.
+whatever it says when it samples. The third (with ``--binding-clip`` or ``--binding-itm``) how
+often a CLIP (a BLIP-2 ITM head) scores the true full description above the same description with
+two objects' colours (shapes, sizes, positions) swapped (:func:`binding_preference`): what a
+counterfactual-contrast reward on that model can pay for.
 
 Each row rewrites every test scene's full description ("a large blue triangle at the center and
 ... on a black background"): an attribute may be dropped (shape -> "object"; no size, colour,
@@ -109,16 +110,14 @@ def captioner_grounding(captioner_dir, images, scenes, seed: int = 0) -> dict[st
     return prefers_truth(policy, policy.preprocess(images), scenes, np.random.default_rng(seed))
 
 
-def clip_binding(clip_dir, images, scenes) -> dict[str, dict[str, float]]:
-    """Per word group, the share of images whose true full description a CLIP scores above the
-    first swap of two of its objects' words of that group (``rewards.binding.swaps``), over the
-    images that have such a swap, and how many those are."""
+def binding_preference(score, scenes) -> dict[str, dict[str, float]]:
+    """Per word group, the share of images whose true full description scores above the first
+    swap of two of its objects' words of that group (``rewards.binding.swaps``), over the images
+    that have such a swap, and how many those are. ``score(image_rows, texts)``: a reward model's
+    score of each (image, text) pair."""
     from rewards.binding import DEFAULT_GROUPS, swaps
     from shapes_world.world import Scene, full_description
-    from vlrm.clip import ClipModel
 
-    clip = ClipModel(str(clip_dir))
-    feats = clip.encode_images(images)
     truths = [full_description(Scene.from_dict(sc)) for sc in scenes]
     out = {}
     for group, words in DEFAULT_GROUPS.items():
@@ -126,11 +125,26 @@ def clip_binding(clip_dir, images, scenes) -> dict[str, dict[str, float]]:
         if not pairs:
             continue
         idx = [i for i, _ in pairs]
-        t_true = clip.encode_texts([truths[i] for i in idx])
-        t_swap = clip.encode_texts([a for _, a in pairs])
-        wins = ((feats[idx] * t_true).sum(-1) > (feats[idx] * t_swap).sum(-1)).float().mean()
+        wins = (score(idx, [truths[i] for i in idx]) > score(idx, [a for _, a in pairs])).float().mean()
         out[group] = {"prefers_truth": float(wins), "images": len(idx)}
     return out
+
+
+def clip_binding(clip_dir, images, scenes) -> dict[str, dict[str, float]]:
+    """:func:`binding_preference` of a CLIP (cosine similarity): what the ``binding`` reward can pay for."""
+    from vlrm.clip import ClipModel
+
+    clip = ClipModel(str(clip_dir))
+    feats = clip.encode_images(images)
+    return binding_preference(lambda idx, texts: (feats[idx] * clip.encode_texts(texts)).sum(-1), scenes)
+
+
+def itm_binding(itm_dir, images, scenes) -> dict[str, dict[str, float]]:
+    """:func:`binding_preference` of a BLIP-2 ITM head (its positive-match logit)."""
+    from rewards.itm_reward import ItmReward
+
+    itm = ItmReward(str(itm_dir))
+    return binding_preference(lambda idx, texts: itm(images, texts, image_index=idx), scenes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--probe-images", type=int, default=300, help="images for the captioner probe")
     p.add_argument("--binding-clip", action="append", default=[], help="also how often this CLIP tells the true "
                    "description from one with two objects' words swapped (repeatable)")
+    p.add_argument("--binding-itm", action="append", default=[], help="the same for this BLIP-2 ITM model "
+                   "(repeatable)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     ds = open_split(split_path(a.data, a.split))
@@ -171,10 +187,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'wrong words':12s} {'prefers truth':>14s} {'mean gap (nats)':>16s}")
         for kind, v in probe.items():
             print(f"{kind:12s} {v['prefers_truth']:14.3f} {v['gap_nats']:16.2f}")
-    for clip_dir in a.binding_clip:
-        print(f"\n{clip_dir}: true description vs two objects' words of one group swapped")
+    probes = [(d, clip_binding) for d in a.binding_clip] + [(d, itm_binding) for d in a.binding_itm]
+    for model_dir, probe_binding in probes:
+        print(f"\n{model_dir}: true description vs two objects' words of one group swapped")
         print(f"{'swapped':12s} {'prefers truth':>14s} {'images':>7s}")
-        for group, v in clip_binding(clip_dir, images, scenes).items():
+        for group, v in probe_binding(model_dir, images, scenes).items():
             print(f"{group:12s} {v['prefers_truth']:14.3f} {v['images']:7d}")
 
 

@@ -259,8 +259,18 @@ def test_data_parallel_learner_takes_the_step_of_one_learner(paths, tmp_path, ra
 def test_run_distributed(paths, tmp_path, ray_local, mode):
     from vlrm.run import read_metrics
 
-    run = run_distributed(_cfg(paths, tmp_path, mode, 4, mode=mode))
+    memory = {}
+
+    def on_step(engine, step, stats):  # every actor's memory(), its free heap handed back
+        if step == 1:
+            actors = [engine.learner] + engine.rollouts + engine.rewards
+            memory.update(enumerate(ray_local.get([a.memory.remote(trim=True) for a in actors])))
+
+    run = run_distributed(_cfg(paths, tmp_path, mode, 4, mode=mode), on_step=on_step)
     assert run == tmp_path / mode
+    assert len(memory) == 4 and all(m["before"]["python_blocks"] > 0 and m["before"]["heap_used_mib"] > 0
+                                    and 100 < m["after"]["rss_mib"] and m["after"]["anon_mib"] < m["after"]["rss_mib"]
+                                    for m in memory.values())
     for f in ("config.yaml", "metrics.jsonl", "eval.json", "learning_curve.png", "summary.json", "accounting.json"):
         assert (run / f).is_file(), f
     assert (tmp_path / "latest").resolve() == run.resolve()

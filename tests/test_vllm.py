@@ -113,6 +113,12 @@ def test_vllm_actor_matches_the_transformers_policy_and_takes_pushed_weights(tin
     texts = batch.column("text").to_pylist()
     assert texts == [x.strip() for x in policy.tokenizer.batch_decode(t.tokens, skip_special_tokens=True)]
 
+    # a push naming a tensor this checkpoint lacks (another model's): refused, nothing swapped in
+    stray = {"language_model.model.decoder.layers.99.self_attn.q_proj.weight": torch.zeros(2, 2)}
+    with pytest.raises(ray.exceptions.RayTaskError, match="pushed weights not in"):
+        ray.get(actor.set_weights.remote(ray.put(weights_to_wire(stray, version=1)), 1, time.time()))
+    assert ray.get(actor.info.remote())["version"] == 0
+
     # a weight push: every trainable tensor moved, LoRA merged into q/v (the "hf" form)
     torch.manual_seed(1)
     with torch.no_grad():

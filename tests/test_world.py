@@ -252,6 +252,31 @@ def test_ceiling_probe_of_a_captioner(tiny_captioner_dir):
             assert tok.decode(ids).replace(" ,", ",") == text
 
 
+def test_binding_preference_counts_wins_over_the_images_that_have_a_swap(tiny_itm_dir):
+    """The probe's arithmetic with a scorer that knows the truth (it always wins) and one that
+    cannot tell (ties never win), and an ITM head of the production class run through it."""
+    import torch
+
+    from rewards.binding import DEFAULT_GROUPS, swaps
+    from shapes_world.ceiling import binding_preference, itm_binding
+    from shapes_world.world import full_description, sample_scene
+
+    rng = np.random.default_rng(3)
+    scenes = [sample_scene(rng) for _ in range(12)]
+    truths = {full_description(sc) for sc in scenes}
+    having = {g: sum(bool(swaps(full_description(sc), {g: w}, max_swaps=1)) for sc in scenes)
+              for g, w in DEFAULT_GROUPS.items()}
+    dicts = [sc.to_dict() for sc in scenes]
+    knows = binding_preference(lambda idx, texts: torch.tensor([float(t in truths) for t in texts]), dicts)
+    blind = binding_preference(lambda idx, texts: torch.zeros(len(texts)), dicts)
+    assert {g: v["images"] for g, v in knows.items()} == {g: n for g, n in having.items() if n}
+    assert all(v["prefers_truth"] == 1.0 for v in knows.values())
+    assert all(v["prefers_truth"] == 0.0 for v in blind.values())
+    itm = itm_binding(tiny_itm_dir, [render(sc) for sc in scenes], dicts)
+    assert {g: v["images"] for g, v in itm.items()} == {g: v["images"] for g, v in knows.items()}
+    assert all(0.0 <= v["prefers_truth"] <= 1.0 for v in itm.values())
+
+
 def test_probe_features_are_what_the_model_computes(tiny_captioner_dir, tiny_itm_dir):
     import torch
     import transformers

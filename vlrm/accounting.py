@@ -12,10 +12,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["Accounting", "LearnerLost", "interrupted_accounting", "record_interrupted", "interrupted_attempts",
-           "peak_memory", "summarize"]
+__all__ = ["Accounting", "RunInterrupted", "LearnerLost", "HeadLost", "interrupted_accounting", "record_interrupted",
+           "interrupted_attempts", "peak_memory", "summarize"]
 
-INTERRUPTED_FILE = "accounting_interrupted.json"  # in the run folder: attempts cut short by the learner's death
+INTERRUPTED_FILE = "accounting_interrupted.json"  # in the run folder: attempts cut short by a lost learner or head
 
 
 @dataclass
@@ -111,25 +111,35 @@ def summarize(xs: list[float]) -> dict | None:
             "p90": float(np.percentile(a, 90)), "max": float(a.max())}
 
 
-class LearnerLost(RuntimeError):
-    """The learner actor of a Ray run died. ``checkpoint``: the newest complete checkpoint (None
-    when none was written), from which the run can continue; ``accounting``: the interrupted
-    attempt's rows, every one in one bucket (:func:`interrupted_accounting`)."""
+class RunInterrupted(RuntimeError):
+    """A Ray run cut short by a lost part of the system; the message names the step, the newest
+    complete checkpoint and how to continue. ``checkpoint``: that checkpoint (None when none was
+    written); ``accounting``: the interrupted attempt's rows, every one in one bucket
+    (:func:`interrupted_accounting`)."""
 
     def __init__(self, message: str, run_dir: Any, checkpoint: Any, accounting: dict):
         super().__init__(message)
         self.run_dir, self.checkpoint, self.accounting = run_dir, checkpoint, accounting
 
 
+class LearnerLost(RunInterrupted):
+    """The learner actor died; the cluster is still there, so the run can go on from the checkpoint."""
+
+
+class HeadLost(RunInterrupted):
+    """The Ray head (its GCS) is gone, and every actor with it; the run continues on a new head
+    with ``vlrm train --resume``."""
+
+
 def interrupted_accounting(acc: Accounting, step: int) -> dict:
-    """An attempt cut short by the learner's death: what was generated and never learned from is
-    lost with it, split into ``unscored`` (generated, not yet scored) and ``scored_unconsumed``
+    """An attempt cut short by the learner's death (or the head's): what was generated and never
+    learned from is lost with it, split into ``unscored`` (generated, not yet scored) and ``scored_unconsumed``
     (in the queue or in the dead learner's update). ``consistent``: no bucket is negative, so no
     rollout was counted twice."""
     unscored = acc.generated - acc.scored
     unconsumed = acc.scored - acc.consumed - acc.dropped_for_lag
     return acc.as_dict() | {"stopped_at_step": int(step), "unscored": unscored, "scored_unconsumed": unconsumed,
-                            "lost_with_learner": unscored + unconsumed,
+                            "lost_in_flight": unscored + unconsumed,
                             "consistent": unscored >= 0 and unconsumed >= 0}
 
 
@@ -143,7 +153,7 @@ def record_interrupted(run_dir: Any, accounting: dict) -> None:
 
 
 def interrupted_attempts(run_dir: Any) -> list:
-    """The attempts of a run cut short by the learner's death, oldest first."""
+    """The attempts of a run cut short by a lost learner or head, oldest first."""
     import json
     from pathlib import Path
 

@@ -297,6 +297,13 @@ class ClusterConfig:
     include_dashboard: Annotated[bool, "start the Ray dashboard with a local cluster"] = True
     num_cpus: Annotated[Optional[int], "CPUs of a local cluster; null: all of the machine's"] = None
     namespace: Annotated[str, "Ray namespace of the run's named actors"] = "vlrm"
+    malloc_mmap_threshold_kb: Annotated[int, "every actor serves allocations of at least this many KiB with their "
+                                             "own mmap, returned on free (glibc M_MMAP_THRESHOLD; keeps long runs' "
+                                             "memory flat, BENCHMARKS.md); 0: glibc's own, which rises"] = 1024
+    trim_heap_every_s: Annotated[float, "every actor hands its free C heap pages back to the system (glibc "
+                                        "malloc_trim) at most this often, between calls; 0: never"] = 60.0
+    head_timeout_s: Annotated[float, "stop the driver with a resume message when the Ray head's GCS has not "
+                                     "answered for this many seconds (Ray itself gives up after 60); 0: no watch"] = 20.0
 
 
 @_section
@@ -420,6 +427,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         at_least(f"eval.{key}", getattr(e, key), 1)
     at_least("eval.no_repeat_ngram_size", e.no_repeat_ngram_size, 0)
     need(c.num_cpus is None or c.num_cpus >= 1, "cluster.num_cpus", f"must be >= 1 or null, got {c.num_cpus}")
+    need(c.malloc_mmap_threshold_kb >= 0, "cluster.malloc_mmap_threshold_kb",
+         f"must be >= 0, got {c.malloc_mmap_threshold_kb}")
+    need(c.trim_heap_every_s >= 0, "cluster.trim_heap_every_s", f"must be >= 0, got {c.trim_heap_every_s}")
+    need(c.head_timeout_s >= 0, "cluster.head_timeout_s", f"must be >= 0, got {c.head_timeout_s}")
     return cfg
 
 

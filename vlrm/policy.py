@@ -38,7 +38,7 @@ from vlrm.lm_scoring import mean_token_logprobs
 from vlrm.policy_weights import PolicyWeights
 from vlrm.value_head import ValueHead
 
-__all__ = ["CaptionPolicy", "PolicyForward", "Samples"]
+__all__ = ["CaptionPolicy", "PolicyForward", "Samples", "mask_through_eos"]
 
 
 
@@ -85,6 +85,13 @@ class PolicyForward(NamedTuple):
     logprobs: Tensor
     values: Tensor
     entropy: Tensor
+
+
+def mask_through_eos(tokens: Tensor, eos_token_id: int) -> Tensor:
+    """``[B, T]`` bool: True up to and including the first EOS of each row (everything if none)."""
+    is_eos = tokens == eos_token_id
+    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS count strictly before t
+    return before == 0
 
 
 class CaptionPolicy(PolicyWeights, nn.Module):
@@ -282,7 +289,7 @@ class CaptionPolicy(PolicyWeights, nn.Module):
         logprobs = torch.stack(
             [torch.log_softmax(s.float(), dim=-1).gather(-1, tokens[:, t:t + 1]).squeeze(-1)
              for t, s in enumerate(out.scores)], dim=1)
-        mask = self._mask_through_eos(tokens)
+        mask = mask_through_eos(tokens, self.eos_token_id)
         tokens[~mask] = self.pad_token_id
         logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))
         texts = [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
@@ -291,12 +298,6 @@ class CaptionPolicy(PolicyWeights, nn.Module):
                        version=int(self.version),
                        sampling=dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                      temperature=temperature, top_k=top_k, top_p=top_p))
-
-    def _mask_through_eos(self, tokens: Tensor) -> Tensor:
-        """``[B, T]`` bool: True up to and including the first EOS (everything if none)."""
-        is_eos = tokens == self.eos_token_id
-        before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS count strictly before t
-        return before == 0
 
     @torch.no_grad()
     def caption(self, pixel_values: Tensor, decoding: str = "greedy", num_beams: int = 5,

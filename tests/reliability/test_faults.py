@@ -19,23 +19,8 @@ def ray_local():
     ray.shutdown()
 
 
-def _cfg(tiny_world, tiny_captioner_dir, tiny_clip_dir, out, steps):
-    from vlrm.config import from_dict
-
-    return from_dict({
-        "seed": 0, "mode": "async", "output_dir": str(out), "run_name": "faults", "total_steps": steps,
-        "data": {"root": str(tiny_world), "num_train": 64, "num_val": 32, "num_test": 32, "seed": 0, "image_size": 64},
-        "policy": {"model_path": str(tiny_captioner_dir), "value_head_hidden": 16},
-        "rollout": {"num_actors": 2, "num_cpus": 0.5, "images_per_batch": 2, "samples_per_image": 2, "max_new_tokens": 6},
-        "reward": {"num_actors": 1, "num_cpus": 0.5, "batch_wait_s": 0.05,
-                   "components": {"clip": {"weight": 1.0, "path": str(tiny_clip_dir)}}},
-        "learner": {"lr": 1e-3, "checkpoint_every": 2, "num_cpus": 0.5, "queue_size": 4, "max_policy_lag": 2},
-        "eval": {"evaluator_path": str(tiny_clip_dir), "val_every": 0, "gallery_size": 4, "max_new_tokens": 6},
-        "cluster": {"include_dashboard": False}})
-
-
 def test_learner_death_stops_the_run_with_a_resumable_message_and_the_last_checkpoint_resumes(
-        tiny_world, tiny_captioner_dir, tiny_clip_dir, tmp_path, ray_local):
+        fault_cfg, tmp_path, ray_local):
     """kill -9 of the learner mid-run: the driver stops with a one-line reason naming the last
     checkpoint and the resume command (no hang); a checkpoint left half-written is never taken
     for the last good one; ``--resume`` continues from the last good one to the end, with exact
@@ -52,7 +37,7 @@ def test_learner_death_stops_the_run_with_a_resumable_message_and_the_last_check
             killed["at"] = step
             ray.kill(engine.learner, no_restart=True)
 
-    cfg = _cfg(tiny_world, tiny_captioner_dir, tiny_clip_dir, tmp_path, 8)
+    cfg = fault_cfg(8)
     cfg.learner.restarts_from_checkpoint = 0  # stop instead of continuing by itself (the next test)
     with pytest.raises(RuntimeError, match=r"learner actor died.*at step 5.*step_00000\d.*vlrm train --resume") as e:
         run_training(cfg, DistributedEngine, on_step=on_step)
@@ -69,7 +54,7 @@ def test_learner_death_stops_the_run_with_a_resumable_message_and_the_last_check
     (half / "state.json").unlink()
     assert latest_checkpoint(run) == good
 
-    again = run_training(_cfg(tiny_world, tiny_captioner_dir, tiny_clip_dir, tmp_path, 8), DistributedEngine,
+    again = run_training(fault_cfg(8), DistributedEngine,
                          resume=run)
     acc = json.loads((again / "accounting.json").read_text())
     assert acc["identity_holds"] and acc["final_step"] == 8 and acc["steps"] == 8 - int(good.name[5:])
@@ -77,7 +62,7 @@ def test_learner_death_stops_the_run_with_a_resumable_message_and_the_last_check
 
 
 def test_learner_death_is_survived_from_the_last_checkpoint_with_the_rollouts_in_flight_accounted(
-        tiny_world, tiny_captioner_dir, tiny_clip_dir, tmp_path, ray_local):
+        fault_cfg, tmp_path, ray_local):
     """kill -9 of the learner at step 5, twice in one run (at step 5, then at step 7 of the next
     attempt): each time the run continues from the newest checkpoint with new actors, the steps
     after it are taken again (each step once in metrics.jsonl), and each interrupted attempt
@@ -94,7 +79,7 @@ def test_learner_death_is_survived_from_the_last_checkpoint_with_the_rollouts_in
             kills.append(step)
             ray.kill(engine.learner, no_restart=True)
 
-    run = run_training(_cfg(tiny_world, tiny_captioner_dir, tiny_clip_dir, tmp_path, 8), DistributedEngine,
+    run = run_training(fault_cfg(8), DistributedEngine,
                        on_step=on_step)
     assert kills == [5, 7]
     acc = json.loads((run / "accounting.json").read_text())
@@ -102,6 +87,6 @@ def test_learner_death_is_survived_from_the_last_checkpoint_with_the_rollouts_in
     lost = acc["interrupted_attempts"]
     assert [a["stopped_at_step"] for a in lost] == [5, 7]
     for a in lost:
-        assert a["consistent"] and a["generated"] == a["consumed"] + a["dropped_for_lag"] + a["lost_with_learner"]
+        assert a["consistent"] and a["generated"] == a["consumed"] + a["dropped_for_lag"] + a["lost_in_flight"]
         assert a["consumed"] > 0
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 9))
