@@ -1,7 +1,7 @@
 """What a fixed glibc mmap threshold (``cluster.malloc_mmap_threshold_kb``) and heap trimming
 (``cluster.trim_heap_every_s``) cost in speed and buy in memory, side by side in one run.
 
-    python benchmarks/bench_malloc.py --steps 400 --thresholds 0 1024 128
+    python benchmarks/bench_malloc.py --steps 300 --thresholds 0 1024 128     # the table in BENCHMARKS.md
 
 Each setting trains ``configs/shapes.yaml`` in ``--mode local`` (one process, the same three role
 classes as the Ray actors, on-policy, so every setting takes the same steps with the same

@@ -162,12 +162,19 @@ class ItmReward:
             return torch.zeros(0, dtype=torch.float32)
         embeds = self.image_embeds(uniq)
         self.count_truncated(captions)
-        idx = torch.tensor(index, device=embeds.device)
+        return self.match_logits(embeds, captions, index)
+
+    def match_logits(self, image_embeds: torch.Tensor, captions: Sequence[str],
+                     index: Sequence[int]) -> torch.Tensor:
+        """``FloatTensor[N]`` (CPU): the positive ITM logit of ``captions[i]`` with the image whose
+        :meth:`image_embeds` row is ``index[i]``, in Q-Former passes of ``batch_size`` pairs."""
+        captions = list(captions)
+        idx = torch.tensor(list(index), device=image_embeds.device)
         out = []
         for s in range(0, len(captions), self.batch_size):
             sl = slice(s, s + self.batch_size)
             ids, mask = self.tokenize(captions[sl])
-            out.append(self.itm_logits(embeds[idx[sl]], ids, mask)[:, 1].float())
+            out.append(self.itm_logits(image_embeds[idx[sl]], ids, mask)[:, 1].float())
         return torch.cat(out).cpu()
 
     @torch.inference_mode()

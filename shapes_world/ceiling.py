@@ -144,7 +144,8 @@ def itm_binding(itm_dir, images, scenes) -> dict[str, dict[str, float]]:
     from rewards.itm_reward import ItmReward
 
     itm = ItmReward(str(itm_dir))
-    return binding_preference(lambda idx, texts: itm(images, texts, image_index=idx), scenes)
+    embeds = itm.image_embeds(images)  # the vision tower once per image, not once per swap group
+    return binding_preference(lambda idx, texts: itm.match_logits(embeds, texts, idx), scenes)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,10 @@ by path, the shapes world as a source with its ground truth, plugins by import p
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -173,20 +176,11 @@ def test_every_kind_of_image_is_decoded_or_named():
 
 
 def test_parquet_with_row_groups_too_big_for_the_cache_is_named(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    import numpy as np
-
-    from vlrm.data import ParquetSplit
-
     rng = np.random.default_rng(0)
     blobs = [rng.bytes(64 * 1024) for _ in range(64)]  # incompressible, 64 KiB each
     pq.write_table(pa.table({"image": blobs}), tmp_path / "big.parquet", row_group_size=16)  # 1 MiB groups
     with pytest.warns(UserWarning, match=r"big.parquet: row groups of 1 MiB.*smaller row groups"):
         ParquetSplit(tmp_path / "big.parquet", cache_mb=2)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ParquetSplit(tmp_path / "big.parquet", cache_mb=64)  # the whole file fits: no warning

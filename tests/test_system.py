@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ import pytest
 import torch
 import yaml
 
+from learner.data_parallel import free_port
+from tests.ray_nodes import pids_of, stop_cluster
 from vlrm.config import from_dict
 from vlrm.wire import wire_header
 
@@ -433,50 +434,6 @@ def test_killed_rollout_actor_is_restarted_and_nothing_is_lost(paths, tmp_path, 
 # ------------------------------------------------------------------------------ two nodes on loopback
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pids_of(tag: str) -> set[int]:
-    """Processes whose command line contains ``tag`` (our cluster's temp dir), and their children."""
-    cmd, parent = {}, {}
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd[int(p.name)] = (p / "cmdline").read_bytes()
-            parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    pids = {pid for pid, c in cmd.items() if tag.encode() in c}
-    grew = True
-    while grew:
-        kids = {pid for pid, pp in parent.items() if pp in pids} - pids
-        pids |= kids
-        grew = bool(kids)
-    return pids
-
-
-def _stop_cluster(tag: str) -> None:
-    """Stop the nodes this test started, and only them (``ray stop`` would stop every Ray
-    cluster on the machine, other users' included): their processes are found by temp dir."""
-    import signal
-
-    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 1.0)):
-        pids = _pids_of(tag) - {os.getpid()}
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while pids and time.monotonic() < deadline:
-            pids = {p for p in pids if Path(f"/proc/{p}").exists()}
-            time.sleep(0.1)
-
-
 def test_killed_reward_actor_is_restarted_and_every_rollout_is_scored_once(paths, tmp_path, ray_local):
     """ray.kill of the reward actor twice, mid-run: Ray restarts it and retries its
     calls (or the driver resubmits them), the run completes, and every rollout is scored and
@@ -510,13 +467,13 @@ def test_two_node_cluster(paths, tmp_path):
     from vlrm.config import save_config
 
     ray_bin = str(Path(sys.executable).parent / "ray")
-    port = _free_port()
+    port = free_port()
     temp = tempfile.mkdtemp(prefix="vlrm-ray-", dir="/tmp")  # short: Unix socket paths are limited
     # Nodes and driver agree on no token auth (Ray 2.60 turns it on for a head node when a token
     # file exists, but not for a joining node). The driver runs as its own process, as a user's would.
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
     head = [ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}", "--num-cpus=2",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", "--num-cpus=2",
             '--resources={"reward": 1, "learner": 1}', f"--temp-dir={temp}", "--disable-usage-stats"]
     worker = [ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
               '--resources={"rollout": 2}', f"--temp-dir={temp}", "--disable-usage-stats"]
@@ -550,9 +507,9 @@ def test_two_node_cluster(paths, tmp_path):
         assert 0 <= ev["after"]["clip_recall@1"] <= 1
         assert ACCOUNTING_FILE == "accounting.json"
     finally:
-        _stop_cluster(temp)
+        stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
-    assert not _pids_of(temp)
+    assert not pids_of(temp)
 
 
 # ------------------------------------------------------------------------------ cluster.yaml

@@ -133,9 +133,9 @@ class HeadLost(RunInterrupted):
 
 def interrupted_accounting(acc: Accounting, step: int) -> dict:
     """An attempt cut short by the learner's death (or the head's): what was generated and never
-    learned from is lost with it, split into ``unscored`` (generated, not yet scored) and ``scored_unconsumed``
-    (in the queue or in the dead learner's update). ``consistent``: no bucket is negative, so no
-    rollout was counted twice."""
+    learned from is lost with it (``lost_in_flight``), split into ``unscored`` (generated, not yet
+    scored) and ``scored_unconsumed`` (in the queue or in the dead learner's update).
+    ``consistent``: no bucket is negative, so no rollout was counted twice."""
     unscored = acc.generated - acc.scored
     unconsumed = acc.scored - acc.consumed - acc.dropped_for_lag
     return acc.as_dict() | {"stopped_at_step": int(step), "unscored": unscored, "scored_unconsumed": unconsumed,

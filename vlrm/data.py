@@ -224,7 +224,7 @@ class FolderSplit(ImageSplit):
     def of_files(cls, paths: Sequence[str | Path], source: str) -> "FolderSplit":
         """A split of the given image files, in that order."""
         split = cls.__new__(cls)
-        split.path, split.source, split._root = Path(source), str(source), ""
+        split.path, split.source = Path(source), str(source)  # paths are whole: the class's _root ""
         split.paths = np.array([str(p).encode() for p in paths]) if len(paths) else np.array([], dtype="S1")
         if not len(split.paths):
             raise DatasetError(f"no images listed in {source}")

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["memory_now", "memory_report", "trim_heap", "set_mmap_threshold", "HeapTrimmer", "process_memory_policy"]
+__all__ = ["status_mib", "memory_now", "memory_report", "trim_heap", "set_mmap_threshold", "HeapTrimmer", "process_memory_policy"]
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -42,21 +42,27 @@ def _libc():
 _LIBC = _libc()
 
 
-def _resident_mib() -> dict[str, float | None]:
-    """Resident memory from ``/proc/self/status``: ``rss`` in all, ``anon`` (private: heaps,
-    tensors) and ``shmem`` (shared memory touched, e.g. Ray's object store mapped in to read a
-    batch: bounded by the store's size, and not this process's own)."""
-    keys = {"VmRSS:": "rss_mib", "RssAnon:": "anon_mib", "RssShmem:": "shmem_mib"}
-    out: dict[str, float | None] = dict.fromkeys(keys.values())
+def status_mib(*fields: str) -> dict[str, float | None]:
+    """The kB ``fields`` of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ``RssAnon``...) in MiB;
+    None for each where there is no such field (not Linux)."""
+    out: dict[str, float | None] = dict.fromkeys(fields)
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                key = line.split(maxsplit=1)[0] if line.strip() else ""
-                if key in keys:
-                    out[keys[key]] = int(line.split()[1]) / 1024
-    except OSError:  # no /proc (not Linux)
+                key, _, rest = line.partition(":")
+                if key in out:
+                    out[key] = int(rest.split()[0]) / 1024
+    except OSError:  # no /proc
         pass
     return out
+
+
+def _resident_mib() -> dict[str, float | None]:
+    """Resident memory: ``rss`` in all, ``anon`` (private: heaps, tensors) and ``shmem`` (shared
+    memory touched, e.g. Ray's object store mapped in to read a batch: bounded by the store's
+    size, and not this process's own)."""
+    s = status_mib("VmRSS", "RssAnon", "RssShmem")
+    return {"rss_mib": s["VmRSS"], "anon_mib": s["RssAnon"], "shmem_mib": s["RssShmem"]}
 
 
 def memory_now() -> dict[str, float | int | None]:

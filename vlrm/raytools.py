@@ -7,6 +7,8 @@ import socket
 from collections import OrderedDict
 from typing import Any, Mapping
 
+from vlrm.memory import status_mib
+
 
 def node_id() -> str:
     """The Ray node id of this process, or the host name outside Ray."""
@@ -23,14 +25,7 @@ def node_id() -> str:
 def peak_memory_mb(device: str) -> dict[str, float | None]:
     """This process's peak memory so far, in MiB: ``rss`` (the kernel's high-water mark, ``VmHWM``)
     and ``gpu`` (the most ``torch`` has held allocated on ``device``; None off CUDA)."""
-    rss = None
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    rss = int(line.split()[1]) / 1024
-    except OSError:  # no /proc (not Linux)
-        pass
+    rss = status_mib("VmHWM")["VmHWM"]
     gpu = None
     if str(device).startswith("cuda"):
         import torch

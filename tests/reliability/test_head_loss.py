@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,26 +15,21 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from learner.data_parallel import free_port
+from tests.ray_nodes import stop_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).with_name("ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(what: str, ok, timeout: float, proc: subprocess.Popen | None = None):
+def _wait_for(what: str, ok, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (got := ok()):
             return got
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the driver exited ({proc.returncode}) before {what}:\n{proc.stderr.read()}")
+            pytest.fail(f"the driver exited ({proc.returncode}) before {what}:\n{log.read_text() if log else ''}")
         time.sleep(0.5)
     pytest.fail(f"no {what} within {timeout:.0f}s")
 
@@ -47,14 +41,13 @@ def head(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    port = _free_port()
+    port = free_port()
     temp = tempfile.mkdtemp(prefix="vlrm-head-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=str(ROOT))
     start = subprocess.Popen([str(RAY), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                               "--num-cpus=4", "--include-dashboard=false", f"--temp-dir={temp}"],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
         yield address, env, start
@@ -64,7 +57,7 @@ def head(tmp_path):
         except ProcessLookupError:
             pass
         start.wait(timeout=30)
-        _kill_processes_naming(temp)  # anything of that head still alive
+        stop_cluster(temp)  # anything of that head still alive
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -75,27 +68,28 @@ def test_losing_the_head_stops_the_driver_with_a_resume_message_and_the_last_che
     naming the step, the newest checkpoint and the resume command; the interrupted attempt's
     rollouts are recorded; ``vlrm train --resume`` on a new (local) cluster finishes the run."""
     from launch import main
-    from vlrm.config import to_dict
+    from vlrm.config import save_config
     from vlrm.run import latest_checkpoint
 
     address, env, start = head
     cfg = fault_cfg(400)
-    cfg_dict = to_dict(cfg)
-    cfg_dict["cluster"] |= {"address": address, "head_timeout_s": 5.0}
-    cfg_dict["learner"]["restarts_from_checkpoint"] = 0
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg_dict))
+    cfg.cluster.address, cfg.cluster.head_timeout_s = address, 5.0
+    cfg.learner.restarts_from_checkpoint = 0
+    save_config(cfg, tmp_path / "run.yaml")
     run = tmp_path / "faults"
     _wait_for("head", lambda: start.poll() is None and _reachable(address), 120)
-    driver = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--config", str(tmp_path / "run.yaml")],
-                              env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_for("checkpoint", lambda: latest_checkpoint(run) if run.exists() else None, 300, driver)
-        os.killpg(start.pid, signal.SIGKILL)  # the whole head: GCS, raylet, its workers and actors
-        driver.wait(timeout=120)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    err = driver.stderr.read()
+    log = tmp_path / "driver.err"  # a file, not a pipe: nothing the driver writes can block it
+    with log.open("w") as err_file:
+        driver = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--config", str(tmp_path / "run.yaml")],
+                                  env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file)
+        try:
+            _wait_for("checkpoint", lambda: latest_checkpoint(run) if run.exists() else None, 300, driver, log)
+            os.killpg(start.pid, signal.SIGKILL)  # the whole head: GCS, raylet, its workers and actors
+            driver.wait(timeout=120)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    err = log.read_text()
     assert driver.returncode == 1, err
     last = latest_checkpoint(run)
     lost = [line for line in err.splitlines() if line.startswith("vlrm train: stopped: lost the Ray head")]
@@ -113,17 +107,6 @@ def test_losing_the_head_stops_the_driver_with_a_resume_message_and_the_last_che
     acc = json.loads((run / "accounting.json").read_text())
     assert acc["identity_holds"] and acc["final_step"] == steps
     assert [a["cause"] for a in acc["interrupted_attempts"]] == ["head"]
-
-
-def _kill_processes_naming(text: str) -> None:
-    import psutil
-
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(text in part for part in p.info["cmdline"] or ()):
-                p.kill()
-        except psutil.Error:
-            continue
 
 
 def _reachable(address: str) -> bool:
