@@ -7,11 +7,14 @@ from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPT
 NUM_QUERY_TOKENS = 8
 
 
-def vision_config(image_size: int = 64) -> Blip2VisionConfig:
+PATCH_SIZE = 16
+
+
+def vision_config(image_size: int = 64, patch_size: int = PATCH_SIZE) -> Blip2VisionConfig:
     # patch 16 (16 tokens): the open_clip ViTs here learn several times faster with it than with 8.
     # initializer_range: Blip2VisionConfig defaults to 1e-10 (weights meant to be loaded), which
     # leaves a from-scratch vision tower constant and untrainable in practice.
-    return Blip2VisionConfig(image_size=image_size, patch_size=16, hidden_size=128, intermediate_size=512, initializer_range=0.02,
+    return Blip2VisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=128, intermediate_size=512, initializer_range=0.02,
                              num_hidden_layers=3, num_attention_heads=4)
 
 

@@ -30,6 +30,8 @@ POSITIONS = (
     "bottom left", "bottom", "bottom right",
 )
 MAX_OBJECTS = 4
+# An object's radius as a share of its grid cell's side.
+RADIUS = {"small": 0.2, "large": 0.42}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 PLURALS = {s: s + "s" for s in SHAPES} | {"cross": "crosses"}
 
@@ -71,8 +73,10 @@ def sample_scene(rng: np.random.Generator) -> Scene:
 
 
 # ----------------------------------------------------------------------------- rendering
-def render(scene: Scene, image_size: int = 64, jitter: np.random.Generator | None = None) -> Image.Image:
-    """Draw the scene. ``jitter`` (optional) moves objects a little inside their cell."""
+def render(scene: Scene, image_size: int = 64, jitter: np.random.Generator | None = None,
+           radius: dict[str, float] = RADIUS) -> Image.Image:
+    """Draw the scene. ``jitter`` (optional) moves objects a little inside their cell; ``radius``:
+    an object's radius per size, as a share of its cell's side."""
     scale = 4  # draw large and downsample: anti-aliased edges keep small shapes recognisable
     S = image_size * scale
     img = Image.new("RGB", (S, S), BACKGROUNDS[scene.background])
@@ -81,13 +85,13 @@ def render(scene: Scene, image_size: int = 64, jitter: np.random.Generator | Non
     for obj in scene.objects:
         idx = POSITIONS.index(obj.position)
         row, col = divmod(idx, 3)
-        radius = cell * (0.42 if obj.size == "large" else 0.2)
+        r = cell * radius[obj.size]
         cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
         if jitter is not None:
-            slack = cell / 2 - radius
+            slack = cell / 2 - r
             cx += float(jitter.uniform(-0.6, 0.6)) * slack
             cy += float(jitter.uniform(-0.6, 0.6)) * slack
-        _draw_shape(draw, obj.shape, cx, cy, radius, COLORS[obj.color])
+        _draw_shape(draw, obj.shape, cx, cy, r, COLORS[obj.color])
     return img.resize((image_size, image_size), Image.Resampling.LANCZOS)
 
 
@@ -149,6 +153,31 @@ def perturb_scene(scene: Scene, rng: np.random.Generator, kind: str | None = Non
     others = [v for v in values if v != getattr(objects[i], kind)]
     objects[i] = SceneObject(**(asdict(objects[i]) | {kind: others[rng.integers(len(others))]}))
     return Scene(scene.background, tuple(sorted(objects, key=lambda o: POSITIONS.index(o.position))))
+
+
+SWAPS = ("shape", "color", "size", "position")
+
+
+def swap_scene(scene: Scene, rng: np.random.Generator) -> Scene | None:
+    """The scene with two objects' values of one attribute (shape, colour, size or position)
+    traded: the same attributes, bound to other objects (what a bag-of-words model cannot tell
+    from the truth). Drawn among the pairs of objects that differ in that attribute and in another
+    one (two objects that differ in one attribute only would trade places and leave the scene as
+    it was); ``None`` where there is no such pair."""
+    objects = scene.objects
+
+    def differ(a: SceneObject, b: SceneObject) -> set[str]:
+        return {k for k in SWAPS if getattr(a, k) != getattr(b, k)}
+
+    options = [(kind, i, j) for i in range(len(objects)) for j in range(i + 1, len(objects))
+               if len(differ(objects[i], objects[j])) >= 2 for kind in sorted(differ(objects[i], objects[j]))]
+    if not options:
+        return None
+    kind, i, j = options[rng.integers(len(options))]
+    swapped = list(objects)
+    swapped[i] = SceneObject(**(asdict(objects[i]) | {kind: getattr(objects[j], kind)}))
+    swapped[j] = SceneObject(**(asdict(objects[j]) | {kind: getattr(objects[i], kind)}))
+    return Scene(scene.background, tuple(sorted(swapped, key=lambda o: POSITIONS.index(o.position))))
 
 
 # ----------------------------------------------------------------------------- text
@@ -254,3 +283,29 @@ def alt_text(scene: Scene, rng: np.random.Generator) -> str:
         parts = [f"at the {pos(o)} {_article(o.size)} {o.size} {o.color} {o.shape}" for o in objs]
         text = f"a {scene.background} picture with " + _join(parts)
     return text
+
+
+def counterfactual_texts(scenes: list[dict], k: int, seed: int, kinds: tuple[str, ...] | None = None,
+                         binding: bool = False) -> tuple[list[list[str]], list[list[str]]]:
+    """For each scene (as a dict), ``k`` pairs of alt-texts in the same phrasing: one true, one of
+    the scene with a single fact made false (``perturb_scene``; ``kinds``, default all of
+    ``PERTURBATIONS``, are the facts drawn from) or, with ``binding``, with two objects' values
+    traded (``swap_scene``; a single fact made false where nothing can be traded). Both texts of a
+    pair come from the same random stream, so they share their phrasing and differ in that fact
+    (where a moved object changes the order of the objects, also in which position synonyms are
+    drawn): a model trained to tell them apart cannot do it by style."""
+    rng = np.random.default_rng(seed)
+    pos, neg = [], []
+    for d in scenes:
+        scene = Scene.from_dict(d)
+        seeds = rng.integers(2**32, size=k)
+        pos.append([alt_text(scene, np.random.default_rng(s)) for s in seeds])
+        neg.append([alt_text(_counterfactual(scene, rng, kinds, binding), np.random.default_rng(s)) for s in seeds])
+    return pos, neg
+
+
+def _counterfactual(scene: Scene, rng: np.random.Generator, kinds: tuple[str, ...] | None, binding: bool) -> Scene:
+    swapped = swap_scene(scene, rng) if binding else None
+    if swapped is not None:
+        return swapped
+    return perturb_scene(scene, rng, None if kinds is None else kinds[rng.integers(len(kinds))])

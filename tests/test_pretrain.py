@@ -2,6 +2,7 @@
 import json
 
 import open_clip
+import pytest
 import torch
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
@@ -11,12 +12,14 @@ from shapes_world.pretrain.clip import CLIP_CONFIGS, build_clip, save_clip
 
 def test_pretrain_smoke_writes_all_models_and_metrics(tiny_world, tmp_path):
     out = tmp_path / "models"
-    pretrain_main(["--data", str(tiny_world), "--out", str(out), "--scale", "0.004", "--threads", "2"])
+    pretrain_main(["--data", str(tiny_world), "--out", str(out), "--scale", "0.004", "--threads", "2",
+                   "--reward-clip-negatives", "2"])
     # tiny_world has its own sizes: ensure_world must not regenerate it at full size
     assert json.loads((tiny_world / "meta.json").read_text())["sizes"]["train"] == 64
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("reward_clip", "eval_clip", "reward_itm", "captioner_greedy_test"):
         assert name in metrics
+    assert metrics["reward_clip_negatives"] == 2
     # ITC rank, ITM re-rank and LAVIS's ITM + ITC re-rank, each a share of the 32 test images
     assert set(metrics["reward_itm"]) == {"itc_top1", "itm_top1", "itm_itc_top1"}
     assert all(0 <= v <= 1 and abs(v * 32 - round(v * 32)) < 1e-4 for v in metrics["reward_itm"].values())
@@ -116,6 +119,62 @@ def test_stage0_position_loss_trains_the_tower_to_keep_token_positions(tiny_worl
     with torch.no_grad():
         trained.encode_image(normalize(train.images[:32]))
         assert position_loss(trained).item() < 0.6 * loss.item()  # 100 steps: about 2.9 -> 1.5
+
+
+def test_contrastive_loss_with_a_hard_negative_by_hand():
+    """NegCLIP: each image's own hard-negative text is one more column of its image -> text row;
+    the text -> image direction is CLIP's."""
+    import math
+
+    from shapes_world.pretrain.clip import contrastive_loss
+
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    neg = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+    scale = torch.tensor(2.0)
+    # image 0: logits to texts 1.2, 0.0 and to its negative 2.0; image 1: 1.6, 2.0 and 1.2
+    i2t = (-math.log(math.exp(1.2) / (math.exp(1.2) + 1 + math.exp(2.0)))
+           - math.log(math.exp(2.0) / (math.exp(1.6) + math.exp(2.0) + math.exp(1.2)))) / 2
+    t2i = (-math.log(math.exp(1.2) / (math.exp(1.2) + math.exp(1.6)))
+           - math.log(math.exp(2.0) / (math.exp(0.0) + math.exp(2.0)))) / 2
+    i2t_plain = (-math.log(math.exp(1.2) / (math.exp(1.2) + 1)) - math.log(math.exp(2.0) / (math.exp(1.6) + math.exp(2.0)))) / 2
+    assert contrastive_loss(img, txt, scale, neg).item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+    assert contrastive_loss(img, txt, scale).item() == pytest.approx((i2t_plain + t2i) / 2, rel=1e-6)
+
+
+def test_train_clip_feeds_each_image_one_of_its_own_hard_negatives(tiny_world, monkeypatch):
+    """``train_clip(hard_negatives=...)`` gives the loss one encoded negative per image, drawn from
+    that image's own pool: with every pool holding one text per scene, the negatives a step gets
+    are those texts' embeddings, row for row (the loss itself: the hand computation above)."""
+    from shapes_world.pretrain import clip as clip_mod
+    from shapes_world.pretrain.common import load_split
+    from shapes_world.world import counterfactual_texts
+
+    train = load_split(tiny_world / "train.parquet")
+    _, neg = counterfactual_texts(train.scenes, 1, seed=0, binding=True)
+    with pytest.raises(ValueError, match="3 pools for 64 training scenes"):
+        clip_mod.train_clip(train, CLIP_CONFIGS["reward"], seed=0, steps=1, hard_negatives=neg[:3])
+    seen, loss = [], clip_mod.contrastive_loss
+
+    def spy(img, txt, scale, negatives=None):
+        seen.append((img.detach(), txt.detach(), None if negatives is None else negatives.detach()))
+        return loss(img, txt, scale, negatives)
+
+    monkeypatch.setattr(clip_mod, "contrastive_loss", spy)
+    # lr 0: the model stays at its initial weights, so the texts can be encoded again after
+    model = clip_mod.train_clip(train, CLIP_CONFIGS["reward"], seed=0, steps=1, batch_size=8, lr=0.0, warmup=1,
+                                hard_negatives=neg)
+    img, txt, got = seen[0]
+    assert got.shape == txt.shape == (8, CLIP_CONFIGS["reward"]["embed_dim"])
+    tok = open_clip.get_tokenizer("ViT-B-32", context_length=model.context_length)
+    with torch.no_grad():
+        pool = model.encode_text(tok([n[0] for n in neg]), normalize=True)  # [64, D]
+        own = model.encode_image(clip_mod.normalize(train.images), normalize=True)
+    rows = [int((own - im).abs().sum(-1).argmin()) for im in img]  # which scene each batch row is
+    torch.testing.assert_close(got, pool[rows], rtol=1e-4, atol=1e-4)
+    seen.clear()
+    clip_mod.train_clip(train, CLIP_CONFIGS["reward"], seed=0, steps=1, batch_size=8, lr=0.0, warmup=1)
+    assert seen[0][2] is None  # no pools: plain CLIP
 
 
 def test_itm_logits_in_length_groups_equal_one_padded_batch(tokenizer):

@@ -4,6 +4,7 @@ ref_lm.py, combine.py), checked against hand computations on the tiny fixture mo
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,6 +336,41 @@ def test_binding_swaps_trade_two_different_words_of_a_group():
     # two-word positions move whole; punctuation stays where it was
     assert swaps("a circle at the top left, a cross at the bottom", {"position": DEFAULT_GROUPS["position"]}) == [
         "a circle at the bottom, a cross at the top left"]
+
+
+FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-karpathy"
+
+
+@pytest.mark.skipif(not FLICKR.is_dir(), reason="the shared Flickr8k sample is not on this machine")
+def test_binding_reward_on_a_flickr8k_photo_and_its_human_captions(tiny_clip_dir):
+    """On a real photo and its human captions: the swaps trade the photo-caption words of a group
+    (colours, sizes) and the reward is the caption's CLIP logit minus its swaps' mean."""
+    import json
+
+    from rewards.binding import DEFAULT_GROUPS, BindingReward, swaps
+    from vlrm.clip import ClipModel
+
+    data = json.loads((FLICKR / "dataset_flickr8k.json").read_text())
+    pick = None
+    for entry in data["images"]:
+        for sent in entry["sentences"]:
+            if swaps(sent["raw"], DEFAULT_GROUPS):
+                pick = (entry, sent["raw"])
+                break
+        if pick:
+            break
+    assert pick is not None, "no Flickr8k caption with two colour or size words"
+    entry, caption = pick
+    alts = swaps(caption, DEFAULT_GROUPS)
+    def bare(text):
+        return sorted(w.strip(".,;:!?") for w in text.lower().split())
+
+    for alt in alts:  # the same words, two of one group traded
+        assert bare(alt) == bare(caption) and alt != " ".join(caption.lower().split())
+    image = Image.open(FLICKR / "images" / entry["filename"]).convert("RGB")
+    got = BindingReward(str(tiny_clip_dir))([image], [caption])
+    sims = ClipModel(str(tiny_clip_dir)).similarity_matrix([image], [caption] + alts)[:, 0]
+    torch.testing.assert_close(got[0], sims[0] - sims[1:].mean(), rtol=1e-4, atol=1e-4)
 
 
 def test_binding_reward_is_the_caption_minus_its_swaps(tiny_clip_dir):

@@ -182,6 +182,36 @@ def test_reward_nan_names_rollout_ids(paths, tmp_path):
     assert e.value.rollout_ids == ["bad-batch-1"] and e.value.batch_ids == ["bad-batch"]
 
 
+def test_binding_reward_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local):
+    """The counterfactual-contrast component, switched on in the config, runs inside a Ray reward
+    actor: logged on its own as r/binding, equal to the component called by hand on the same
+    images and captions, and weighted into the total."""
+    from rewards.actor import RewardActor, reward_actor_options
+    from rewards.binding import BindingReward
+    from vlrm.data import open_source
+    from vlrm.schema import make_rollout_batch
+
+    world, _, clip, _ = paths
+    cfg = _cfg(paths, tmp_path, "binding", 1, reward__components={
+        "clip": {"weight": 0.0}, "itm": {"weight": 0.0}, "bad": {"weight": 0.0}, "repeat": {"weight": 0.0},
+        "binding": {"weight": 2.0, "path": str(clip), "max_swaps": 3}})
+    captions = ["a large red circle at the top and a small blue square at the left", "a red circle",
+                "a small green cross at the center and a small green triangle at the bottom"]
+    batch = make_rollout_batch(batch_id="bind-0", actor_id="r", policy_version=0, image_rows=[0, 1, 2],
+                               sample_index=[0, 0, 0], texts=captions, tokens=[[5], [6], [7]],
+                               logprobs=[[-1.0], [-1.0], [-1.0]])
+    actor = RewardActor.options(**reward_actor_options(cfg)).remote(cfg, "reward-b")
+    scored_ref, _ = actor.score.remote(batch)
+    scored = ray_local.get(scored_ref)
+    images, _, _ = open_source(cfg.data).split(cfg.data.train_split).images([0, 1, 2])
+    want = BindingReward(str(clip), max_swaps=3)(images, captions)
+    got = torch.tensor(scored.column("r/binding").to_pylist())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got[1].item() == 0.0 and got[0].item() != 0.0  # one object: nothing to swap
+    torch.testing.assert_close(torch.tensor(scored.column("reward").to_pylist()), 2.0 * want, rtol=1e-4, atol=1e-4)
+    ray_local.kill(actor)
+
+
 def _scored_batch(cfg, batch_id: str, n_images: int = 3, k: int = 2):
     """A scored rollout batch of dataset rows 0..n_images-1, sampled by the base policy."""
     from vlrm.data import open_source

@@ -1,5 +1,6 @@
 """The shapes world: determinism, rendering, text, storage."""
 import io
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -125,10 +126,36 @@ def test_perturb_scene_makes_exactly_one_fact_false(kind):
         assert [f for f in ("shape", "color", "size", "position") if getattr(a, f) != getattr(b, f)] == [kind]
 
 
+def test_swap_scene_trades_two_objects_values_of_one_attribute():
+    from collections import Counter
+
+    from shapes_world.world import SWAPS, swap_scene
+
+    seen = set()
+    for i in range(200):
+        scene = sample_scene(np.random.default_rng(i))
+        other = swap_scene(scene, np.random.default_rng(i + 1000))
+        if other is None:  # nothing to trade: no two objects differ in two attributes
+            assert all(sum(getattr(a, k) != getattr(b, k) for k in SWAPS) < 2
+                       for a in scene.objects for b in scene.objects), scene
+            continue
+        assert other.background == scene.background and other != scene
+        for k in SWAPS:  # the same bag of values for every attribute
+            assert Counter(getattr(o, k) for o in other.objects) == Counter(getattr(o, k) for o in scene.objects)
+        gone, new = set(scene.objects) - set(other.objects), set(other.objects) - set(scene.objects)
+        assert len(gone) == len(new) == 2  # exactly two objects changed
+        a, b = gone
+        traded = [k for k in SWAPS if {SceneObject(**(asdict(a) | {k: getattr(b, k)})),
+                                       SceneObject(**(asdict(b) | {k: getattr(a, k)}))} == new]
+        assert len(traded) >= 1, (scene, other)
+        seen |= set(traded)
+    assert seen == set(SWAPS)  # every attribute gets traded somewhere
+
+
 def test_counterfactual_alt_texts_differ_from_the_truth_in_one_fact_only():
     from collections import Counter
 
-    from shapes_world.pretrain.itm import counterfactual_texts
+    from shapes_world.world import counterfactual_texts
 
     POSITION_WORDS = {w for syn in POSITION_SYNONYMS.values() for p in syn for w in p.split()}
 
@@ -193,7 +220,29 @@ def test_cell_probe_reads_informative_features_and_not_noise():
     bad = probe_cells(noise[:400], scenes[:400], noise[400:], scenes[400:], steps=300, lr=1e-2)
     for attr in CELL_ATTRIBUTES:
         assert good[attr]["occupied_acc"] > 0.99 and good[attr]["empty_acc"] > 0.99
+        assert good[attr]["small_acc"] > 0.99 and good[attr]["large_acc"] > 0.99
         assert bad[attr]["occupied_acc"] < 0.6
+    assert bad["size"]["small_acc"] + bad["size"]["large_acc"] < 1.5  # noise cannot read both sizes
+
+
+def test_supervised_tower_trains_on_the_cells_labels_and_rerender_draws_bigger_objects(tiny_world):
+    """The tower ceiling trains a fresh tower of the captioner's class and its heads on the cells'
+    labels: 60 steps on the tiny world already tell empty cells from occupied ones far better than
+    the untrained heads do (64 images are too few to read attributes; the real numbers come from
+    the 20,000-scene world, BENCHMARKS.md)."""
+    from shapes_world.pretrain.common import load_split
+    from shapes_world.probe import rerender, supervised_tower
+    from shapes_world.world import sample_scene
+
+    train, test = load_split(tiny_world / "train.parquet"), load_split(tiny_world / "test.parquet")
+    untrained = supervised_tower(train.images, train.scenes, test.images, test.scenes, steps=0, batch=32)
+    got = supervised_tower(train.images, train.scenes, test.images, test.scenes, steps=60, batch=32, warmup=5)
+    assert set(got["shape"]) == {"occupied_acc", "small_acc", "large_acc", "empty_acc"}
+    assert untrained["color"]["empty_acc"] < 0.5 < 0.65 < got["color"]["empty_acc"], (untrained, got)
+    one = {"background": "white", "objects": [{"shape": "square", "color": "red", "size": "small", "position": "center"}]}
+    ink = [int((rerender([one], 64, r)[0].int().sum(0) < 600).sum()) for r in (0.2, 0.3)]
+    assert ink[1] > 1.8 * ink[0]  # area grows with the square of the radius (0.3 / 0.2) ** 2 = 2.25
+    assert rerender([sample_scene(np.random.default_rng(0)).to_dict()], 96, 0.2).shape == (1, 3, 96, 96)
 
 
 def test_probe_cli_rejects_a_model_without_a_vision_tower(tiny_clip_dir, capsys):
@@ -315,6 +364,13 @@ def test_probe_cli_reports_each_feature_kind(tiny_captioner_dir, tiny_world, cap
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(results) == {"mean", "qformer"} and set(results["qformer"]) == {"shape", "color", "size"}
     assert all(0 <= r["occupied_acc"] <= 1 for res in results.values() for r in res.values())
+    main(["--data", str(tiny_world), "--supervised-steps", "2", "--patch-size", "8", "--small-radius", "0.3"])
+    out = capsys.readouterr().out
+    assert "a fresh tower (patch 8, 64 px, small radius 0.3) trained 2 steps" in out
+    assert set(json.loads(out.strip().splitlines()[-1])["supervised"]) == {"shape", "color", "size"}
+    with pytest.raises(SystemExit):
+        main(["--data", str(tiny_world), "--patch-size", "8"])
+    assert "apply to --supervised-steps only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model", str(tiny_captioner_dir), "--data", str(tiny_world), "--features", "tokens,qfromer"])
     assert "choose from" in capsys.readouterr().err

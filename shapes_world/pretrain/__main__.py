@@ -19,6 +19,7 @@ from shapes_world.dataset import WORLD_FORMAT, ensure_world
 from shapes_world.pretrain.blip2_io import save_blip2
 from shapes_world.pretrain.common import load_split
 from shapes_world.tokenizer import build_tokenizer
+from shapes_world.world import counterfactual_texts
 
 STEPS = {"reward_clip": 400, "eval_clip": 450, "vision": 500, "itm": 1600, "lm": 200, "captioner": 1600}
 # The captioner's language model learns to read the background from the queries only after some
@@ -30,8 +31,11 @@ STEPS = {"reward_clip": 400, "eval_clip": 450, "vision": 500, "itm": 1600, "lm":
 # The ITM trains on 64 images a step: 1,600 steps of 64 ranked better than 1,000 of 128 for less
 # time (BENCHMARKS.md, pretrained models).
 ITM_BATCH = 64
-# Counterfactual ITM negatives per training scene (shapes_world.pretrain.itm.counterfactual_texts).
+# Counterfactual ITM negatives per training scene (shapes_world.world.counterfactual_texts).
 ITM_COUNTERFACTUALS = 4
+# Binding negatives per scene for the reward CLIP (``--reward-clip-negatives``; NegCLIP: each
+# training image must also prefer its alt-text to one with two objects' values traded).
+REWARD_CLIP_NEGATIVES = 0
 # "vision" is stage 0, the BLIP-2 vision tower; it is stored inside reward_itm and captioner.
 MODELS = ("reward_clip", "eval_clip", "vision", "reward_itm", "captioner")
 SEEDS = {"reward_clip": 11, "eval_clip": 22, "vision": 55, "itm": 33, "captioner": 44}
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step count (e.g. 0.01 for a smoke run)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training scenes")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reward-clip-negatives", type=int, default=REWARD_CLIP_NEGATIVES,
+                   help="binding negatives per training scene for the reward CLIP (NegCLIP; 0: plain CLIP); "
+                        "the evaluator CLIP never gets them")
     p.add_argument("--only", default=",".join(MODELS),
                    help="comma-separated subset of %s to rebuild; the others are read from --out" % ",".join(MODELS))
     a = p.parse_args(argv)
@@ -81,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     old = out / "metrics.json"
     metrics: dict = json.loads(old.read_text()) if old.exists() and only != set(MODELS) else {}
     metrics |= {"steps": steps, "seeds": SEEDS, "world_seed": a.seed, "num_train": len(train.images)}
+    if "reward_clip" in only:
+        metrics["reward_clip_negatives"] = a.reward_clip_negatives
     timings: dict = metrics.get("seconds", {})
 
     from shapes_world.pretrain.clip import (CLIP_CONFIGS, build_clip_with_positions, position_loss, remove_position_head, save_clip,
@@ -92,9 +101,12 @@ def main(argv: list[str] | None = None) -> None:
             continue
         t0 = time.time()
         subset = type(train)(train.images[rows], train.captions[rows], train.alt_texts[rows], train.scenes[rows])
+        negatives = None
+        if name == "reward_clip" and a.reward_clip_negatives:
+            _, negatives = counterfactual_texts(subset.scenes, a.reward_clip_negatives, SEEDS[name], binding=True)
         # The position loss (as in stage 0) gets both CLIPs past 0.9 in 400-450 steps instead of 600.
         model = train_clip(subset, CLIP_CONFIGS[cfg_name], seed=SEEDS[name], steps=steps[name], name=name,
-                           build=build_clip_with_positions, aux_loss=position_loss)
+                           build=build_clip_with_positions, aux_loss=position_loss, hard_negatives=negatives)
         remove_position_head(model)
         save_clip(model, CLIP_CONFIGS[cfg_name], out / name,
                   extra={"trained_on": f"train scenes [{rows.start}, {rows.stop or len(train.images)})"})

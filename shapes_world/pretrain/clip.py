@@ -108,18 +108,36 @@ def encode_images(model, images_u8: torch.Tensor, batch: int = 500) -> torch.Ten
     return torch.cat(feats)
 
 
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, neg: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over a batch of normalised image and text embeddings ``[B, D]``
+    (pair i is image i with text i), at logit ``scale``. ``neg`` ``[B, D]``: one hard-negative text
+    per image, added to that image's image -> text row only (NegCLIP): the image must prefer its
+    text to every other text of the batch and to its own negative."""
+    logits = scale * img @ txt.t()  # [B, B]
+    labels = torch.arange(len(img), device=img.device)
+    image_to_text = logits if neg is None else torch.cat([logits, scale * (img * neg).sum(-1, keepdim=True)], dim=1)
+    return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
 def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, batch_size: int = 256,
                lr: float = 1e-3, warmup: int = 100, name: str = "clip", build=build_clip,
-               aux_loss=None, device: str = "cpu") -> open_clip.CLIP:
+               aux_loss=None, hard_negatives: list[list[str]] | None = None, device: str = "cpu") -> open_clip.CLIP:
     """``aux_loss(model) -> scalar``, if given, is added to the contrastive loss after each
-    image forward (:func:`position_loss`). ``device``: where to train (the model comes back
-    on the CPU)."""
+    image forward (:func:`position_loss`). ``hard_negatives``: per training scene, a pool of
+    texts that are false of it (``world.counterfactual_texts``); each step adds one
+    per image as an extra column of the image -> text contrast (NegCLIP, Yuksekgonul et al.
+    2023). ``device``: where to train (the model comes back on the CPU)."""
     gen = seed_everything(seed)
     model = build(model_cfg).to(device)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=model_cfg["text_cfg"]["context_length"])
     # Tokenise every alt-text once; a step then just indexes.
     n, k = len(train.alt_texts), len(train.alt_texts[0])
     tokens = tokenizer([t for alts in train.alt_texts for t in alts]).view(n, k, -1)
+    if hard_negatives is not None:
+        if len(hard_negatives) != n:
+            raise ValueError(f"hard_negatives: {len(hard_negatives)} pools for {n} training scenes")
+        h = len(hard_negatives[0])
+        neg_tokens = tokenizer([t for negs in hard_negatives for t in negs]).view(n, h, -1)
     decay = [p for n_, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n_]
     no_decay = [p for n_, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n_)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
@@ -131,9 +149,11 @@ def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, b
         img = model.encode_image(normalize(train.images[idx]).to(device), normalize=True)
         # only up to the longest alt-text of each length group: about half the work
         txt = encode_text(model, tokens[idx, alt].to(device), buckets=LENGTH_GROUPS)
-        logits = model.logit_scale.exp() * img @ txt.t()
-        labels = torch.arange(batch_size, device=device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        neg = None
+        if hard_negatives is not None:
+            pick = torch.randint(0, h, (batch_size,), generator=gen)
+            neg = encode_text(model, neg_tokens[idx, pick].to(device), buckets=LENGTH_GROUPS)
+        loss = contrastive_loss(img, txt, model.logit_scale.exp(), neg)
         extra = {}
         if aux_loss is not None:
             extra["aux"] = aux_loss(model)

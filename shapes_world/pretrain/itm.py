@@ -4,7 +4,6 @@ batch by ITC similarity (BLIP-2's recipe). Its vision tower and Q-Former then in
 captioner, as BLIP-2's stage 2 starts from stage 1."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Blip2ForImageTextRetrieval, Blip2VisionModel, PreTrainedTokenizerBase
@@ -12,7 +11,7 @@ from transformers import Blip2ForImageTextRetrieval, Blip2VisionModel, PreTraine
 from shapes_world.models import itm_config
 from shapes_world.pretrain.common import (LENGTH_GROUPS, Progress, SplitTensors, cosine_steps, query_outputs, seed_everything,
                                           vision_embeds)
-from shapes_world.world import Scene, alt_text, perturb_scene
+from shapes_world.world import counterfactual_texts
 from vlrm.length_groups import in_length_groups
 
 ITC_TEMPERATURE = 0.07
@@ -69,22 +68,6 @@ def _sample_negatives(weights: torch.Tensor, gen: torch.Generator) -> torch.Tens
     weights = weights.cpu()  # the generator lives on the CPU
     weights.fill_diagonal_(0)
     return torch.multinomial(weights + 1e-8, 1, generator=gen).squeeze(1)
-
-
-def counterfactual_texts(scenes: list[dict], k: int, seed: int) -> tuple[list[list[str]], list[list[str]]]:
-    """For each scene, ``k`` pairs of alt-texts in the same phrasing: one true, one of the scene
-    with a single fact made false (``perturb_scene``). Both texts of a pair come from the same
-    random stream, so they share their phrasing and differ in that fact (where a moved object
-    changes the order of the objects, also in which position synonyms are drawn): the ITM head
-    cannot tell them apart by style."""
-    rng = np.random.default_rng(seed)
-    pos, neg = [], []
-    for d in scenes:
-        scene = Scene.from_dict(d)
-        seeds = rng.integers(2**32, size=k)
-        pos.append([alt_text(scene, np.random.default_rng(s)) for s in seeds])
-        neg.append([alt_text(perturb_scene(scene, rng), np.random.default_rng(s)) for s in seeds])
-    return pos, neg
 
 
 def train_itm(train: SplitTensors, tokenizer: PreTrainedTokenizerBase, vision: Blip2VisionModel, *, seed: int, steps: int,
