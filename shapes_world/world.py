@@ -169,8 +169,8 @@ def swap_scene(scene: Scene, rng: np.random.Generator) -> Scene | None:
     def differ(a: SceneObject, b: SceneObject) -> set[str]:
         return {k for k in SWAPS if getattr(a, k) != getattr(b, k)}
 
-    options = [(kind, i, j) for i in range(len(objects)) for j in range(i + 1, len(objects))
-               if len(differ(objects[i], objects[j])) >= 2 for kind in sorted(differ(objects[i], objects[j]))]
+    pairs = [(i, j, differ(objects[i], objects[j])) for i in range(len(objects)) for j in range(i + 1, len(objects))]
+    options = [(kind, i, j) for i, j, kinds in pairs if len(kinds) >= 2 for kind in sorted(kinds)]
     if not options:
         return None
     kind, i, j = options[rng.integers(len(options))]

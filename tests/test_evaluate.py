@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-karpathy"
+from tests.shared_data import FLICKR
 
 
 def _karpathy(tmp_path: Path, coco: bool = False) -> Path:

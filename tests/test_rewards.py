@@ -4,7 +4,6 @@ ref_lm.py, combine.py), checked against hand computations on the tiny fixture mo
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 from rewards.combine import CombinedReward, RewardError, RewardOutput, build_reward
+from tests.shared_data import FLICKR
 from vlrm.registry import PluginError
 
 
@@ -338,9 +338,6 @@ def test_binding_swaps_trade_two_different_words_of_a_group():
         "a circle at the bottom, a cross at the top left"]
 
 
-FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-karpathy"
-
-
 @pytest.mark.skipif(not FLICKR.is_dir(), reason="the shared Flickr8k sample is not on this machine")
 def test_binding_reward_on_a_flickr8k_photo_and_its_human_captions(tiny_clip_dir):
     """On a real photo and its human captions: the swaps trade the photo-caption words of a group
@@ -351,17 +348,12 @@ def test_binding_reward_on_a_flickr8k_photo_and_its_human_captions(tiny_clip_dir
     from vlrm.clip import ClipModel
 
     data = json.loads((FLICKR / "dataset_flickr8k.json").read_text())
-    pick = None
-    for entry in data["images"]:
-        for sent in entry["sentences"]:
-            if swaps(sent["raw"], DEFAULT_GROUPS):
-                pick = (entry, sent["raw"])
-                break
-        if pick:
-            break
+    pick = next(((entry, sent["raw"]) for entry in data["images"] for sent in entry["sentences"]
+                 if swaps(sent["raw"], DEFAULT_GROUPS)), None)
     assert pick is not None, "no Flickr8k caption with two colour or size words"
     entry, caption = pick
     alts = swaps(caption, DEFAULT_GROUPS)
+
     def bare(text):
         return sorted(w.strip(".,;:!?") for w in text.lower().split())
 

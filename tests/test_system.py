@@ -22,6 +22,7 @@ import yaml
 
 from learner.data_parallel import free_port
 from tests.ray_nodes import pids_of, stop_cluster
+from tests.shared_data import FLICKR
 from vlrm.config import from_dict
 from vlrm.wire import wire_header
 
@@ -191,7 +192,7 @@ def test_binding_reward_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local)
     from vlrm.data import open_source
     from vlrm.schema import make_rollout_batch
 
-    world, _, clip, _ = paths
+    clip = paths[2]
     cfg = _cfg(paths, tmp_path, "binding", 1, reward__components={
         "clip": {"weight": 0.0}, "itm": {"weight": 0.0}, "bad": {"weight": 0.0}, "repeat": {"weight": 0.0},
         "binding": {"weight": 2.0, "path": str(clip), "max_swaps": 3}})
@@ -372,7 +373,6 @@ def test_reward_plugin_from_a_file_runs_in_the_ray_reward_actors(paths, tmp_path
     _check_accounting(run)
 
 
-FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-karpathy"
 
 
 @pytest.mark.skipif(not FLICKR.is_dir(), reason="the shared Flickr8k sample is not on this machine")
