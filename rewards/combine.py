@@ -17,9 +17,10 @@ silently becomes a training signal.
 :func:`build_reward` builds the combination from ``reward.components`` of the config. Built-in
 components: ``clip`` (:class:`rewards.clip_reward.ClipReward`), ``itm``
 (:class:`rewards.itm_reward.ItmReward`), ``ref`` (:class:`rewards.ref_lm.ReferenceLMReward`),
-``bad``, ``repeat``, ``length`` (:mod:`rewards.penalties`). A user's component is a factory named
-by import path, called with its options as keyword arguments (plus ``device``, ``captioner_path``
-and ``dtype`` where its signature names them)::
+``bad``, ``repeat``, ``length`` (:mod:`rewards.penalties`), ``binding``
+(:class:`rewards.binding.BindingReward`), ``phrase_itm`` (:class:`rewards.phrase_itm.PhraseItmReward`).
+A user's component is a factory named by import path, called with its options as keyword
+arguments (plus ``device``, ``captioner_path`` and ``dtype`` where its signature names them)::
 
     # my_rewards.py
     def factory(target_words=12, device="cpu"):
@@ -274,9 +275,15 @@ def _binding(ctx: RewardContext, path: str, max_swaps: int = 4, groups: dict | N
                          precision=open_clip_precision(ctx.dtype))
 
 
+def _phrase_itm(ctx: RewardContext, path: str, reduce: str = "min", separators: Sequence[str] | None = None) -> Callable:
+    from rewards.phrase_itm import PhraseItmReward
+
+    return PhraseItmReward(path, device=ctx.device, dtype=ctx.dtype, reduce=reduce, separators=separators)
+
+
 BUILTIN_FACTORIES: dict[str, Callable[..., Callable]] = {
     "clip": _clip, "itm": _itm, "ref": _ref, "bad": _bad, "repeat": _repeat, "length": _length,
-    "binding": _binding}
+    "binding": _binding, "phrase_itm": _phrase_itm}
 
 
 def _call_factory(factory: Callable, ctx: RewardContext, options: Mapping[str, Any], name: str) -> Callable:

@@ -10,7 +10,10 @@ one kind of attribute made wrong (:func:`prefers_truth`): whether it grounds tha
 whatever it says when it samples. The third (with ``--binding-clip`` or ``--binding-itm``) how
 often a CLIP (a BLIP-2 ITM head) scores the true full description above the same description with
 two objects' colours (shapes, sizes, positions) swapped (:func:`binding_preference`): what a
-counterfactual-contrast reward on that model can pay for.
+counterfactual-contrast reward on that model can pay for. The fourth (with ``--phrase-clip`` or
+``--phrase-itm``) the same, and for one object's attribute made wrong, with the description scored
+whole, by its weakest phrase and by its phrases' mean (:func:`phrase_preference`): what a per-phrase
+check (``rewards.phrase_itm``) can pay for.
 
 Each row rewrites every test scene's full description ("a large blue triangle at the center and
 ... on a black background"): an attribute may be dropped (shape -> "object"; no size, colour,
@@ -130,22 +133,70 @@ def binding_preference(score, scenes) -> dict[str, dict[str, float]]:
     return out
 
 
-def clip_binding(clip_dir, images, scenes) -> dict[str, dict[str, float]]:
-    """:func:`binding_preference` of a CLIP (cosine similarity): what the ``binding`` reward can pay for."""
+def phrase_preference(score, scenes, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per change of the true full description (two objects' words of a group swapped, as
+    :func:`binding_preference`; one object's shape, colour, size or position made wrong,
+    ``world.perturb_scene``), the share of images whose truth a reward model prefers when each text
+    is scored ``whole``, by its weakest phrase (``min``) or by its phrases' ``mean``
+    (``rewards.phrase_itm.split_phrases``), and how many images. A tie counts half: a change that
+    leaves the weakest phrase as it was cannot be told from the truth by it.
+    ``score(image_rows, texts)``: a reward model's score of each (image, text) pair."""
+    import torch
+
+    from rewards.binding import DEFAULT_GROUPS, swaps
+    from rewards.phrase_itm import split_phrases
+    from shapes_world.world import Scene, full_description, perturb_scene
+
+    rng = np.random.default_rng(seed)
+    truths = [full_description(Scene.from_dict(sc)) for sc in scenes]
+    changes = {f"swap {g}": [(i, alt[0]) for i, t in enumerate(truths) if (alt := swaps(t, {g: w}, max_swaps=1))]
+               for g, w in DEFAULT_GROUPS.items()}
+    for kind in ("shape", "color", "size", "position"):
+        changes[f"wrong {kind}"] = [(i, full_description(perturb_scene(Scene.from_dict(sc), rng, kind)))
+                                    for i, sc in enumerate(scenes)]
+
+    def scored(idx: list[int], texts: list[str]) -> dict[str, torch.Tensor]:
+        phrases = [split_phrases(t) for t in texts]
+        flat = score([i for i, ps in zip(idx, phrases) for _ in ps], [p for ps in phrases for p in ps])
+        per = torch.split(flat, [len(ps) for ps in phrases])
+        return {"whole": score(idx, texts), "min": torch.stack([v.min() for v in per]),
+                "mean": torch.stack([v.mean() for v in per])}
+
+    out = {}
+    for name, pairs in changes.items():
+        if not pairs:
+            continue
+        idx = [i for i, _ in pairs]
+        truth, changed = scored(idx, [truths[i] for i in idx]), scored(idx, [a for _, a in pairs])
+        out[name] = {k: float(((truth[k] > changed[k]).float() + 0.5 * (truth[k] == changed[k]).float()).mean())
+                     for k in truth} | {"images": len(idx)}
+    return out
+
+
+def _clip_score(clip_dir, images):
     from vlrm.clip import ClipModel
 
     clip = ClipModel(str(clip_dir))
     feats = clip.encode_images(images)
-    return binding_preference(lambda idx, texts: (feats[idx] * clip.encode_texts(texts)).sum(-1), scenes)
+    return lambda idx, texts: (feats[idx] * clip.encode_texts(texts)).sum(-1)
+
+
+def _itm_score(itm_dir, images):
+    from rewards.itm_reward import ItmReward
+
+    itm = ItmReward(str(itm_dir))
+    embeds = itm.image_embeds(images)  # the vision tower once per image, not once per text
+    return lambda idx, texts: itm.match_logits(embeds, texts, idx)
+
+
+def clip_binding(clip_dir, images, scenes) -> dict[str, dict[str, float]]:
+    """:func:`binding_preference` of a CLIP (cosine similarity): what the ``binding`` reward can pay for."""
+    return binding_preference(_clip_score(clip_dir, images), scenes)
 
 
 def itm_binding(itm_dir, images, scenes) -> dict[str, dict[str, float]]:
     """:func:`binding_preference` of a BLIP-2 ITM head (its positive-match logit)."""
-    from rewards.itm_reward import ItmReward
-
-    itm = ItmReward(str(itm_dir))
-    embeds = itm.image_embeds(images)  # the vision tower once per image, not once per swap group
-    return binding_preference(lambda idx, texts: itm.match_logits(embeds, texts, idx), scenes)
+    return binding_preference(_itm_score(itm_dir, images), scenes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
                    "description from one with two objects' words swapped (repeatable)")
     p.add_argument("--binding-itm", action="append", default=[], help="the same for this BLIP-2 ITM model "
                    "(repeatable)")
+    p.add_argument("--phrase-clip", action="append", default=[], help="also how often this CLIP prefers the true "
+                   "description scored whole, by its weakest phrase and by its phrases' mean (repeatable)")
+    p.add_argument("--phrase-itm", action="append", default=[], help="the same for this BLIP-2 ITM model (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     ds = open_split(split_path(a.data, a.split))
@@ -194,6 +248,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'swapped':12s} {'prefers truth':>14s} {'images':>7s}")
         for group, v in probe_binding(model_dir, images, scenes).items():
             print(f"{group:12s} {v['prefers_truth']:14.3f} {v['images']:7d}")
+    phrase_models = [(d, _clip_score) for d in a.phrase_clip] + [(d, _itm_score) for d in a.phrase_itm]
+    for model_dir, make_score in phrase_models:
+        print(f"\n{model_dir}: prefers the true description (ties count half), scored whole / by its weakest phrase / "
+              "by its phrases' mean")
+        print(f"{'change':16s} {'whole':>7s} {'weakest':>8s} {'mean':>7s} {'images':>7s}")
+        for change, v in phrase_preference(make_score(model_dir, images), scenes, seed=a.seed).items():
+            print(f"{change:16s} {v['whole']:7.3f} {v['min']:8.3f} {v['mean']:7.3f} {v['images']:7d}")
 
 
 if __name__ == "__main__":

@@ -386,3 +386,63 @@ def test_binding_reward_is_the_caption_minus_its_swaps(tiny_clip_dir):
     out = comb(imgs, caps)
     torch.testing.assert_close(out.components["binding"], got, rtol=1e-4, atol=1e-4)
     assert from_dict({}).reward.components["binding"].weight == 0.0  # off by default
+
+
+# ------------------------------------------------------------------------ per-phrase ITM check
+
+
+def test_split_phrases_at_punctuation_and_whole_words():
+    from rewards.phrase_itm import split_phrases
+
+    cap = "a large red circle at the top, a small blue square at the left and a green cross on a white background"
+    assert split_phrases(cap) == ["a large red circle at the top", "a small blue square at the left",
+                                  "a green cross on a white background"]
+    assert split_phrases("A dog with a ball; two men.") == ["A dog", "a ball", "two men"]
+    assert split_phrases("a sandy beach near the handrail") == ["a sandy beach near the handrail"]  # "and" inside words
+    assert split_phrases("a red circle", [","]) == ["a red circle"]
+    assert split_phrases("") == [""] and split_phrases(" , ; ") == [", ;"]  # nothing but separators
+    with pytest.raises(ValueError, match="separator"):
+        split_phrases("a b", [])
+
+
+def test_phrase_itm_is_the_weakest_or_mean_phrase_logit(tiny_itm_dir, itm_reward):
+    from rewards.phrase_itm import PhraseItmReward, split_phrases
+    from vlrm.config import from_dict
+
+    imgs = _images(2)
+    caps = ["a large red circle at the top, a small blue square and a cross", "a red circle"]
+    each = [itm_reward([imgs[i]] * len(ps), ps) for i, ps in enumerate(split_phrases(c) for c in caps)]
+    assert [len(e) for e in each] == [3, 1]
+    weakest = PhraseItmReward(str(tiny_itm_dir), batch_size=2)(imgs, caps)
+    torch.testing.assert_close(weakest, torch.stack([e.min() for e in each]), rtol=1e-4, atol=1e-4)
+    mean = PhraseItmReward(str(tiny_itm_dir), reduce="mean")([imgs[0]], caps, image_index=[0, 0])
+    torch.testing.assert_close(mean[0], each[0].mean(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weakest[1], itm_reward(imgs[1:], caps[1:])[0], rtol=1e-4, atol=1e-4)  # one phrase
+    assert weakest[0] < each[0].max()  # the check is not the whole caption's best phrase
+    with pytest.raises(ValueError, match="reduce"):
+        PhraseItmReward(str(tiny_itm_dir), reduce="max")
+    cfg = from_dict({"reward": {"components": {"clip": {"weight": 0.0}, "phrase_itm": {
+        "weight": 0.5, "path": str(tiny_itm_dir), "reduce": "mean", "separators": [","]}}}})
+    out = build_reward(cfg.reward, captioner_path="")(imgs, caps)
+    by_comma = [itm_reward([imgs[0]] * 2, ["a large red circle at the top", "a small blue square and a cross"]).mean(),
+                each[1][0]]
+    torch.testing.assert_close(out.components["phrase_itm"], torch.stack(by_comma), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.total, 0.5 * torch.stack(by_comma), rtol=1e-4, atol=1e-4)
+    assert from_dict({}).reward.components["phrase_itm"].weight == 0.0  # off by default
+
+
+@pytest.mark.skipif(not FLICKR.is_dir(), reason="the shared Flickr8k sample is not on this machine")
+def test_phrase_itm_on_a_flickr8k_photo_and_its_human_caption(itm_reward, tiny_itm_dir):
+    """On a real photo and a human caption of it with two phrases: the caption's weakest phrase."""
+    import json
+
+    from rewards.phrase_itm import PhraseItmReward, split_phrases
+
+    data = json.loads((FLICKR / "dataset_flickr8k.json").read_text())
+    entry, caption = next((entry, sent["raw"]) for entry in data["images"] for sent in entry["sentences"]
+                          if len(split_phrases(sent["raw"])) >= 2)
+    phrases = split_phrases(caption)
+    assert len(phrases) >= 2 and all(p in caption for p in phrases)  # pieces of the caption, in its words
+    image = Image.open(FLICKR / "images" / entry["filename"]).convert("RGB")
+    got = PhraseItmReward(str(tiny_itm_dir))([image], [caption])
+    torch.testing.assert_close(got[0], itm_reward([image] * len(phrases), phrases).min(), rtol=1e-4, atol=1e-4)

@@ -213,6 +213,37 @@ def test_binding_reward_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local)
     ray_local.kill(actor)
 
 
+def test_phrase_itm_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local):
+    """The per-phrase ITM check, switched on in the config, runs inside a Ray reward actor:
+    logged on its own as r/phrase_itm, equal to the component called by hand, weighted into the
+    total beside the CLIP reward."""
+    from rewards.actor import RewardActor, reward_actor_options
+    from rewards.clip_reward import ClipReward
+    from rewards.phrase_itm import PhraseItmReward
+    from vlrm.data import open_source
+    from vlrm.schema import make_rollout_batch
+
+    _, _, clip, itm = paths
+    cfg = _cfg(paths, tmp_path, "phrases", 1, reward__components={
+        "clip": {"weight": 1.0, "path": str(clip)}, "itm": {"weight": 0.0}, "bad": {"weight": 0.0},
+        "repeat": {"weight": 0.0}, "phrase_itm": {"weight": 0.5, "path": str(itm)}})
+    captions = ["a large red circle at the top and a small blue square at the left", "a red circle",
+                "a small green cross, a triangle and a blue square"]
+    batch = make_rollout_batch(batch_id="phr-0", actor_id="r", policy_version=0, image_rows=[0, 1, 1],
+                               sample_index=[0, 0, 1], texts=captions, tokens=[[5], [6], [7]],
+                               logprobs=[[-1.0], [-1.0], [-1.0]])
+    actor = RewardActor.options(**reward_actor_options(cfg)).remote(cfg, "reward-p")
+    scored_ref, _ = actor.score.remote(batch)
+    scored = ray_local.get(scored_ref)
+    images, _, _ = open_source(cfg.data).split(cfg.data.train_split).images([0, 1, 1])
+    want = PhraseItmReward(str(itm))(images, captions)
+    got = torch.tensor(scored.column("r/phrase_itm").to_pylist())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    total = ClipReward(str(clip))(images, captions) + 0.5 * want
+    torch.testing.assert_close(torch.tensor(scored.column("reward").to_pylist()), total, rtol=1e-4, atol=1e-4)
+    ray_local.kill(actor)
+
+
 def _scored_batch(cfg, batch_id: str, n_images: int = 3, k: int = 2):
     """A scored rollout batch of dataset rows 0..n_images-1, sampled by the base policy."""
     from vlrm.data import open_source

@@ -326,6 +326,36 @@ def test_binding_preference_counts_wins_over_the_images_that_have_a_swap(tiny_it
     assert all(0.0 <= v["prefers_truth"] <= 1.0 for v in itm.values())
 
 
+def test_phrase_preference_scores_whole_weakest_and_mean(tiny_clip_dir):
+    """The per-phrase probe's arithmetic with a scorer that knows which phrases are true (every
+    change makes one false: it always wins, whole, weakest or mean) and one that cannot tell (a tie
+    counts half), and a CLIP of the production class run through it."""
+    import torch
+
+    from rewards.phrase_itm import split_phrases
+    from shapes_world.ceiling import _clip_score, phrase_preference
+    from shapes_world.world import full_description, sample_scene
+
+    rng = np.random.default_rng(4)
+    scenes = [sample_scene(rng) for _ in range(16)]
+    dicts = [sc.to_dict() for sc in scenes]
+    true_phrases = [set(split_phrases(full_description(sc))) for sc in scenes]
+
+    def count_true(idx, texts):  # per text: its share of true phrases, from its image's truth
+        return torch.tensor([sum(p in true_phrases[i] for p in split_phrases(t)) / len(split_phrases(t))
+                             for i, t in zip(idx, texts)])
+
+    knows = phrase_preference(count_true, dicts)
+    blind = phrase_preference(lambda idx, texts: torch.zeros(len(texts)), dicts)
+    assert set(knows) >= {"wrong shape", "wrong color", "wrong size", "wrong position"}
+    assert all(v["images"] == 16 for k, v in knows.items() if k.startswith("wrong"))
+    assert all(v["whole"] == 1.0 and v["min"] == 1.0 and v["mean"] == 1.0 for v in knows.values())
+    assert all(v[k] == 0.5 for v in blind.values() for k in ("whole", "min", "mean"))
+    clip = phrase_preference(_clip_score(tiny_clip_dir, [render(sc) for sc in scenes]), dicts)
+    assert {k: v["images"] for k, v in clip.items()} == {k: v["images"] for k, v in knows.items()}
+    assert all(0.0 <= v[k] <= 1.0 for v in clip.values() for k in ("whole", "min", "mean"))
+
+
 def test_probe_features_are_what_the_model_computes(tiny_captioner_dir, tiny_itm_dir):
     import torch
     import transformers

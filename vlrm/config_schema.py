@@ -192,6 +192,17 @@ class BindingComponent:
 
 
 @_section
+class PhraseItmComponent:
+    weight: Annotated[float, "weight in the total reward (0: never computed)"] = 0.0
+    path: Annotated[str, "BLIP2-ITM model that scores each phrase alone (rewards/phrase_itm.py)"] = \
+        "models/shapes/reward_itm"
+    reduce: Annotated[Literal["min", "mean"], "what counts of the phrases' ITM logits: the weakest, or their "
+                                              "mean"] = "min"
+    separators: Annotated[Optional[list[str]], "where captions split into phrases (punctuation, or whole "
+                                               "words); null: ',', ';', 'and', 'with'"] = None
+
+
+@_section
 class PluginComponent:
     target: Annotated[str, "the factory: 'pkg.module:factory' or 'path/to/file.py:factory'"]
     weight: Annotated[float, "weight in the total reward (0: never computed)"] = 1.0
@@ -201,7 +212,7 @@ class PluginComponent:
 
 BUILTIN_COMPONENTS: dict[str, type] = {"clip": ClipComponent, "itm": ItmComponent, "ref": RefComponent,
                                        "bad": BadComponent, "repeat": RepeatComponent, "length": LengthComponent,
-                                       "binding": BindingComponent}
+                                       "binding": BindingComponent, "phrase_itm": PhraseItmComponent}
 
 
 def default_components() -> dict[str, Any]:
