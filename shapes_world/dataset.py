@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shapes_world.world import alt_text, full_description, human_caption, png_bytes, render, sample_scene
+from shapes_world.world import RADIUS, alt_text, full_description, human_caption, png_bytes, render, sample_scene
 
 SCHEMA = pa.schema([
     ("id", pa.int64()),
@@ -42,10 +42,14 @@ def split_seed(seed: int, split: str) -> int:
 
 def generate_split(split: str, n: int, seed: int = 0, image_size: int = 64, n_captions: int = 5,
                    n_alt: int = 3, unique: bool | None = None, exclude: set[str] | None = None,
-                   p_thorough: float = P_THOROUGH) -> pa.Table:
+                   p_thorough: float = P_THOROUGH, small_radius: float = RADIUS["small"]) -> pa.Table:
     """Generate ``n`` scenes. ``unique`` (default: for val/test) rejects repeated descriptions, and
     ``exclude`` rejects descriptions already used elsewhere (e.g. in train). ``p_thorough``: the
-    share of human captions replaced by the full description."""
+    share of human captions replaced by the full description. ``small_radius``: a small object's
+    radius as a share of its cell's side (the scenes and texts do not depend on it)."""
+    if not 0 < small_radius < RADIUS["large"]:
+        raise ValueError(f"small_radius must be above 0 and below the large objects' {RADIUS['large']}, got {small_radius}")
+    radius = dict(RADIUS, small=small_radius)
     rng = np.random.default_rng(split_seed(seed, split))
     # Thorough captions draw from their own stream: scenes, images and alt-texts do not depend on
     # p_thorough (the reward and evaluator models were trained before it existed).
@@ -59,7 +63,7 @@ def generate_split(split: str, n: int, seed: int = 0, image_size: int = 64, n_ca
         if unique and desc in seen:
             continue
         seen.add(desc)
-        img = render(scene, image_size, jitter=rng)
+        img = render(scene, image_size, jitter=rng, radius=radius)
         rows["id"].append(len(rows["id"]))
         rows["image"].append(png_bytes(img))
         rows["scene"].append(json.dumps(scene.to_dict()))
@@ -74,28 +78,36 @@ def generate_split(split: str, n: int, seed: int = 0, image_size: int = 64, n_ca
 ROW_GROUP_ROWS = 1000
 
 
-def write_world(root: str | Path, seed: int = 0, image_size: int = 64, sizes: dict[str, int] | None = None) -> dict[str, Path]:
+def world_meta(seed: int, image_size: int, sizes: dict[str, int], small_radius: float = RADIUS["small"]) -> dict:
+    """What ``meta.json`` says of a world; ``small_radius`` only where it is not the default, so
+    that a default world's meta (and whether it is regenerated) is as it always was."""
+    meta = {"seed": seed, "image_size": image_size, "sizes": {**DEFAULT_SIZES, **sizes}, "format": WORLD_FORMAT}
+    return meta | ({"small_radius": small_radius} if small_radius != RADIUS["small"] else {})
+
+
+def write_world(root: str | Path, seed: int = 0, image_size: int = 64, sizes: dict[str, int] | None = None,
+                small_radius: float = RADIUS["small"]) -> dict[str, Path]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    sizes = {**DEFAULT_SIZES, **(sizes or {})}
+    meta = world_meta(seed, image_size, sizes or {}, small_radius)
     paths = {}
     for split in ("train", "val", "test"):
-        table = generate_split(split, sizes[split], seed=seed, image_size=image_size)
+        table = generate_split(split, meta["sizes"][split], seed=seed, image_size=image_size, small_radius=small_radius)
         paths[split] = root / f"{split}.parquet"
         pq.write_table(table, paths[split], row_group_size=ROW_GROUP_ROWS)
-    meta = {"seed": seed, "image_size": image_size, "sizes": sizes, "format": WORLD_FORMAT}
     (root / "meta.json").write_text(json.dumps(meta, indent=2))
     return paths
 
 
-def ensure_world(root: str | Path, seed: int = 0, image_size: int = 64, sizes: dict[str, int] | None = None) -> Path:
+def ensure_world(root: str | Path, seed: int = 0, image_size: int = 64, sizes: dict[str, int] | None = None,
+                 small_radius: float = RADIUS["small"]) -> Path:
     """Generate the world under ``root`` unless an identical one is already there."""
     root = Path(root)
-    want = {"seed": seed, "image_size": image_size, "sizes": {**DEFAULT_SIZES, **(sizes or {})}, "format": WORLD_FORMAT}
+    want = world_meta(seed, image_size, sizes or {}, small_radius)
     meta = root / "meta.json"
     if meta.exists() and json.loads(meta.read_text()) == want and all((root / f"{s}.parquet").exists() for s in DEFAULT_SIZES):
         return root
-    write_world(root, seed, image_size, sizes)
+    write_world(root, seed, image_size, sizes, small_radius)
     return root
 
 
@@ -107,8 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", type=int, default=DEFAULT_SIZES["train"])
     p.add_argument("--val", type=int, default=DEFAULT_SIZES["val"])
     p.add_argument("--test", type=int, default=DEFAULT_SIZES["test"])
+    p.add_argument("--small-radius", type=float, default=RADIUS["small"],
+                   help="a small object's radius as a share of its grid cell's side (large: %s)" % RADIUS["large"])
     a = p.parse_args(argv)
-    paths = write_world(a.out, a.seed, a.image_size, {"train": a.train, "val": a.val, "test": a.test})
+    try:
+        paths = write_world(a.out, a.seed, a.image_size, {"train": a.train, "val": a.val, "test": a.test}, a.small_radius)
+    except ValueError as e:
+        p.error(str(e))
     for split, path in paths.items():
         print(f"{split}: {pq.read_metadata(path).num_rows} scenes -> {path}")
 

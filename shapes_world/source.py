@@ -29,7 +29,8 @@ class ShapesWorldSource(ParquetSource):
                                "meta.json): set data.source to 'parquet' or 'folder' for your own images, or point "
                                "data.root at an empty or new folder for the shapes world")
         sizes = {"train": self.cfg.num_train, "val": self.cfg.num_val, "test": self.cfg.num_test}
-        ensure_world(self.root, seed=self.cfg.seed, image_size=self.cfg.image_size, sizes=sizes)
+        ensure_world(self.root, seed=self.cfg.seed, image_size=self.cfg.image_size, sizes=sizes,
+                     small_radius=self.cfg.small_radius)
         if meta.read_text() != before:
             print(f"[vlrm] generated the shapes world at {self.root} ({sizes}, seed {self.cfg.seed})", flush=True)
 

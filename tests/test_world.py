@@ -79,6 +79,49 @@ def test_parquet_round_trip(tmp_path):
     assert decoded.shape == (64, 64, 3)
 
 
+def test_a_world_with_larger_small_objects_changes_only_their_pixels(tmp_path):
+    """``small_radius`` draws the small objects larger (the same scenes and texts); the world's
+    meta records it, so a world of another radius is regenerated, and a default world's meta is
+    as it was; a radius that is not smaller than the large one is refused."""
+    import json
+
+    from shapes_world.dataset import ensure_world, world_meta
+    from shapes_world.world import RADIUS
+    from vlrm.config import from_dict
+
+    plain, big = generate_split("train", 40, seed=2), generate_split("train", 40, seed=2, small_radius=0.3)
+    for col in ("scene", "description", "captions", "alt_texts"):
+        assert big.column(col).equals(plain.column(col))
+
+    def ink(png):  # pixels away from the background colour
+        img = np.asarray(Image.open(io.BytesIO(png))).astype(int)
+        return int((np.abs(img - img[0, 0]).sum(-1) > 60).sum())
+
+    rows = zip(plain.column("scene").to_pylist(), plain.column("image").to_pylist(), big.column("image").to_pylist())
+    for scene, a, b in rows:
+        sizes = {o["size"] for o in json.loads(scene)["objects"]}
+        if sizes == {"large"}:
+            assert a == b
+        elif sizes == {"small"}:
+            assert ink(b) > 1.5 * ink(a)
+    assert "small_radius" not in world_meta(0, 64, {}) and RADIUS["small"] == from_dict({}).data.small_radius
+    ensure_world(tmp_path, seed=1, sizes={"train": 4, "val": 4, "test": 4})
+    before = (tmp_path / "test.parquet").read_bytes()
+    ensure_world(tmp_path, seed=1, sizes={"train": 4, "val": 4, "test": 4}, small_radius=0.3)
+    assert json.loads((tmp_path / "meta.json").read_text())["small_radius"] == 0.3
+    assert (tmp_path / "test.parquet").read_bytes() != before
+    from vlrm.data import open_source  # a run's data.small_radius reaches the world it trains on
+
+    open_source(from_dict({"data": {"root": str(tmp_path), "seed": 1, "num_train": 4, "num_val": 4, "num_test": 4,
+                                    "small_radius": 0.3}}).data).prepare()
+    assert (tmp_path / "test.parquet").read_bytes() != before and "small_radius" in (tmp_path / "meta.json").read_text()
+    open_source(from_dict({"data": {"root": str(tmp_path), "seed": 1, "num_train": 4, "num_val": 4,
+                                    "num_test": 4}}).data).prepare()
+    assert (tmp_path / "test.parquet").read_bytes() == before  # back to the default world
+    with pytest.raises(ValueError, match="small_radius"):
+        generate_split("train", 2, small_radius=RADIUS["large"])
+
+
 def test_human_captions_are_true_short_and_rarely_coloured():
     t = generate_split("train", 400, seed=0).to_pylist()
     scenes = [Scene.from_dict(__import__("json").loads(r["scene"])) for r in t]

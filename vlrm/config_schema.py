@@ -67,6 +67,8 @@ class DataConfig:
                                "bounds memory whatever the split's size"] = 256.0
     image_size: Annotated[int, "shapes source: side of the square images, in pixels"] = 64
     seed: Annotated[int, "shapes source: seed of the world generator"] = 0
+    small_radius: Annotated[float, "shapes source: a small object's radius as a share of its grid cell's side "
+                                   "(large: 0.42)"] = 0.2
     num_train: Annotated[int, "shapes source: training scenes the generator writes"] = 20000
     num_val: Annotated[int, "shapes source: validation scenes the generator writes"] = 1000
     num_test: Annotated[int, "shapes source: test scenes the generator writes"] = 1000
