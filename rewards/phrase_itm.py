@@ -18,14 +18,14 @@ world, the weakest phrase prefers the true description less often than the whole
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from rewards.itm_reward import ItmReward
 from vlrm.images import paired
 
-__all__ = ["DEFAULT_SEPARATORS", "PhraseItmReward", "split_phrases"]
+__all__ = ["DEFAULT_SEPARATORS", "PhraseItmReward", "phrase_scores", "split_phrases"]
 
 DEFAULT_SEPARATORS: tuple[str, ...] = (",", ";", "and", "with")
 
@@ -46,6 +46,15 @@ def split_phrases(caption: str, separators: Sequence[str] | re.Pattern = DEFAULT
     return [p for p in parts if p] or [caption.strip()]
 
 
+def phrase_scores(score: Callable[[list[int], list[str]], torch.Tensor], rows: Sequence[int], captions: Sequence[str],
+                  separators: Sequence[str] | re.Pattern = DEFAULT_SEPARATORS) -> list[torch.Tensor]:
+    """Per caption, ``FloatTensor[phrases]``: each of its phrases scored with the image of its row,
+    all phrases in one ``score(rows, texts)`` call."""
+    phrases = [split_phrases(c, separators) for c in captions]
+    flat = score([r for r, ps in zip(rows, phrases) for _ in ps], [p for ps in phrases for p in ps])
+    return list(torch.split(flat, [len(ps) for ps in phrases]))
+
+
 class PhraseItmReward(ItmReward):
     """The per-phrase check of the module docstring; the arguments of :class:`ItmReward`, plus
     ``reduce`` (``"min"``: the weakest phrase; ``"mean"``) and the phrase ``separators``."""
@@ -64,10 +73,11 @@ class PhraseItmReward(ItmReward):
         if not captions:
             self.last_truncated = 0
             return torch.zeros(0, dtype=torch.float32)
-        phrases = [split_phrases(c, self.pattern) for c in captions]
-        flat = [p for ps in phrases for p in ps]
-        own = [index[i] for i, ps in enumerate(phrases) for _ in ps]
-        self.count_truncated(flat)
-        logits = self.match_logits(self.image_embeds(uniq), flat, own)
-        per_caption = torch.split(logits, [len(ps) for ps in phrases])
+        embeds = self.image_embeds(uniq)
+
+        def logits(rows: list[int], texts: list[str]) -> torch.Tensor:
+            self.count_truncated(texts)
+            return self.match_logits(embeds, texts, rows)
+
+        per_caption = phrase_scores(logits, index, captions, self.pattern)
         return torch.stack([s.min() if self.reduce == "min" else s.mean() for s in per_caption])

@@ -113,18 +113,25 @@ def captioner_grounding(captioner_dir, images, scenes, seed: int = 0) -> dict[st
     return prefers_truth(policy, policy.preprocess(images), scenes, np.random.default_rng(seed))
 
 
+def first_swaps(truths: list[str]) -> dict[str, list[tuple[int, str]]]:
+    """Per word group of ``rewards.binding``, ``(index, swapped text)`` for each description that has
+    a swap of two of its objects' words of that group: the first such swap."""
+    from rewards.binding import DEFAULT_GROUPS, swaps
+
+    return {group: [(i, alt[0]) for i, t in enumerate(truths) if (alt := swaps(t, {group: words}, max_swaps=1))]
+            for group, words in DEFAULT_GROUPS.items()}
+
+
 def binding_preference(score, scenes) -> dict[str, dict[str, float]]:
     """Per word group, the share of images whose true full description scores above the first
     swap of two of its objects' words of that group (``rewards.binding.swaps``), over the images
     that have such a swap, and how many those are. ``score(image_rows, texts)``: a reward model's
     score of each (image, text) pair."""
-    from rewards.binding import DEFAULT_GROUPS, swaps
     from shapes_world.world import Scene, full_description
 
     truths = [full_description(Scene.from_dict(sc)) for sc in scenes]
     out = {}
-    for group, words in DEFAULT_GROUPS.items():
-        pairs = [(i, alt[0]) for i, t in enumerate(truths) if (alt := swaps(t, {group: words}, max_swaps=1))]
+    for group, pairs in first_swaps(truths).items():
         if not pairs:
             continue
         idx = [i for i, _ in pairs]
@@ -143,22 +150,18 @@ def phrase_preference(score, scenes, seed: int = 0) -> dict[str, dict[str, float
     ``score(image_rows, texts)``: a reward model's score of each (image, text) pair."""
     import torch
 
-    from rewards.binding import DEFAULT_GROUPS, swaps
-    from rewards.phrase_itm import split_phrases
+    from rewards.phrase_itm import phrase_scores
     from shapes_world.world import Scene, full_description, perturb_scene
 
     rng = np.random.default_rng(seed)
     truths = [full_description(Scene.from_dict(sc)) for sc in scenes]
-    changes = {f"swap {g}": [(i, alt[0]) for i, t in enumerate(truths) if (alt := swaps(t, {g: w}, max_swaps=1))]
-               for g, w in DEFAULT_GROUPS.items()}
+    changes = {f"swap {g}": pairs for g, pairs in first_swaps(truths).items()}
     for kind in ("shape", "color", "size", "position"):
         changes[f"wrong {kind}"] = [(i, full_description(perturb_scene(Scene.from_dict(sc), rng, kind)))
                                     for i, sc in enumerate(scenes)]
 
     def scored(idx: list[int], texts: list[str]) -> dict[str, torch.Tensor]:
-        phrases = [split_phrases(t) for t in texts]
-        flat = score([i for i, ps in zip(idx, phrases) for _ in ps], [p for ps in phrases for p in ps])
-        per = torch.split(flat, [len(ps) for ps in phrases])
+        per = phrase_scores(score, idx, texts)
         return {"whole": score(idx, texts), "min": torch.stack([v.min() for v in per]),
                 "mean": torch.stack([v.mean() for v in per])}
 
