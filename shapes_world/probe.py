@@ -28,9 +28,9 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
-from shapes_world.world import CELL_ATTRIBUTES, POSITIONS, cell_labels
+from shapes_world.cells import cell_accuracy, cell_heads, cell_loss
+from shapes_world.world import CELL_ATTRIBUTES, cell_labels
 
 BLIP2_CLASSES = ("Blip2ForImageTextRetrieval", "Blip2ForConditionalGeneration")
 FEATURES = ("tokens", "cls", "mean", "qformer")
@@ -53,34 +53,6 @@ def image_features(model, tokens: torch.Tensor, kind: str, batch: int = 500) -> 
     return torch.cat([query_outputs(model, tokens[i:i + batch]).flatten(1) for i in range(0, len(tokens), batch)])
 
 
-def _cell_heads(dim: int) -> dict[str, torch.nn.Linear]:
-    """One linear classifier per attribute: features ``[N, dim]`` -> 9 cells x (values + empty)."""
-    return {a: torch.nn.Linear(dim, len(POSITIONS) * (len(v) + 1)) for a, v in CELL_ATTRIBUTES.items()}
-
-
-def _cell_loss(heads: dict, x: torch.Tensor, labels: dict, rows: torch.Tensor) -> torch.Tensor:
-    return sum(F.cross_entropy(h(x).view(len(rows) * len(POSITIONS), -1), labels[a][rows].reshape(-1))
-               for a, h in heads.items())
-
-
-@torch.no_grad()
-def _cell_accuracy(heads: dict, x: torch.Tensor, scenes: list[dict]) -> dict[str, dict[str, float]]:
-    """Per attribute: accuracy of the value on occupied cells (all, and by the object's size) and
-    of "empty or not" over all cells."""
-    y = cell_labels(scenes)
-    small = y["size"] == CELL_ATTRIBUTES["size"].index("small")
-    result = {}
-    for a, h in heads.items():
-        empty = len(CELL_ATTRIBUTES[a])
-        pred = h(x).view(len(x), len(POSITIONS), -1).argmax(-1)
-        occupied = y[a] != empty
-        hit = (pred == y[a]).float()
-        result[a] = {"occupied_acc": float(hit[occupied].mean()), "small_acc": float(hit[occupied & small].mean()),
-                     "large_acc": float(hit[occupied & ~small].mean()),
-                     "empty_acc": float(((pred == empty) == ~occupied).float().mean())}
-    return result
-
-
 def probe_cells(train_x: torch.Tensor, train_scenes: list[dict], test_x: torch.Tensor, test_scenes: list[dict],
                 *, steps: int = 1500, batch: int = 512, lr: float = 1e-3, seed: int = 0) -> dict[str, dict[str, float]]:
     """Linear probes from features ``[N, D]`` to each cell's attributes.
@@ -93,15 +65,15 @@ def probe_cells(train_x: torch.Tensor, train_scenes: list[dict], test_x: torch.T
     mean, std = train_x.mean(0), train_x.std(0) + 1e-5
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     labels = cell_labels(train_scenes)
-    heads = _cell_heads(train_x.shape[1])
-    opt = torch.optim.Adam([p for h in heads.values() for p in h.parameters()], lr=lr, weight_decay=1e-4)
+    heads = cell_heads(train_x.shape[1])
+    opt = torch.optim.Adam(heads.parameters(), lr=lr, weight_decay=1e-4)
     for _ in range(steps):
         rows = torch.randint(0, len(train_x), (min(batch, len(train_x)),), generator=gen)
-        loss = _cell_loss(heads, train_x[rows], labels, rows)
+        loss = cell_loss(heads, train_x[rows], labels, rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return _cell_accuracy(heads, test_x, test_scenes)
+    return cell_accuracy(heads, test_x, test_scenes)
 
 
 def supervised_tower(train_images: torch.Tensor, train_scenes: list[dict], test_images: torch.Tensor,
@@ -120,21 +92,21 @@ def supervised_tower(train_images: torch.Tensor, train_scenes: list[dict], test_
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tower = Blip2VisionModel(vision_config(train_images.shape[-1], patch_size))
-    heads = _cell_heads(tower.embeddings.num_positions * tower.config.hidden_size)
-    params = list(tower.parameters()) + [p for h in heads.values() for p in h.parameters()]
+    heads = cell_heads(tower.embeddings.num_positions * tower.config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     labels = cell_labels(train_scenes)
     for _ in cosine_steps(opt, steps, lr, warmup):
         rows = torch.randint(0, len(train_images), (batch,), generator=gen)
         tokens = tower(pixel_values=normalize(train_images[rows])).last_hidden_state.flatten(1)
-        loss = _cell_loss(heads, tokens, labels, rows)
+        loss = cell_loss(heads, tokens, labels, rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
         tokens = torch.cat([tower(pixel_values=normalize(test_images[i:i + 500])).last_hidden_state.flatten(1)
                             for i in range(0, len(test_images), 500)])
-    return _cell_accuracy(heads, tokens, test_scenes)
+    return cell_accuracy(heads, tokens, test_scenes)
 
 
 def rerender(scenes: list[dict], image_size: int, small_radius: float, seed: int = 0) -> torch.Tensor:

@@ -13,13 +13,16 @@ from shapes_world.pretrain.clip import CLIP_CONFIGS, build_clip, save_clip
 def test_pretrain_smoke_writes_all_models_and_metrics(tiny_world, tmp_path):
     out = tmp_path / "models"
     pretrain_main(["--data", str(tiny_world), "--out", str(out), "--scale", "0.004", "--threads", "2",
-                   "--reward-clip-negatives", "2"])
+                   "--reward-clip-negatives", "2", "--vision-cell-loss", "0.5", "--reward-clip-cell-loss", "1",
+                   "--steps", "vision=1000"])
     # tiny_world has its own sizes: ensure_world must not regenerate it at full size
     assert json.loads((tiny_world / "meta.json").read_text())["sizes"]["train"] == 64
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("reward_clip", "eval_clip", "reward_itm", "captioner_greedy_test"):
         assert name in metrics
     assert metrics["reward_clip_negatives"] == 2
+    assert (metrics["vision_cell_loss"], metrics["reward_clip_cell_loss"]) == (0.5, 1.0)
+    assert metrics["steps"]["vision"] == 4 and metrics["steps"]["itm"] == 6  # 1000 and 1600, times the scale
     # ITC rank, ITM re-rank and LAVIS's ITM + ITC re-rank, each a share of the 32 test images
     assert set(metrics["reward_itm"]) == {"itc_top1", "itm_top1", "itm_itc_top1"}
     assert all(0 <= v <= 1 and abs(v * 32 - round(v * 32)) < 1e-4 for v in metrics["reward_itm"].values())
@@ -39,6 +42,21 @@ def test_pretrain_smoke_writes_all_models_and_metrics(tiny_world, tmp_path):
     assert "vision" in metrics
     for key, value in itm.vision_model.state_dict().items():
         assert torch.equal(value, captioner.vision_model.state_dict()[key]), key
+
+
+def test_cell_label_objective_rejects_an_unknown_readout():
+    with pytest.raises(ValueError, match="readout must be one of"):
+        from shapes_world.pretrain.clip import CellLabelLoss
+
+        CellLabelLoss([], readout="pooled")
+
+
+@pytest.mark.parametrize("steps, message", [("visoin=3", "unknown name(s) ['visoin']"), ("vision=many", "whole numbers")])
+def test_pretrain_cli_rejects_a_bad_step_override(tmp_path, capsys, steps, message):
+    with pytest.raises(SystemExit) as ei:
+        pretrain_main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--steps", steps])
+    assert ei.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()  # nothing generated before the arguments are checked
 
 
 def test_clip_save_load_round_trip(tmp_path):
@@ -231,6 +249,44 @@ def test_clip_position_head_trains_and_leaves_a_plain_open_clip_model(tiny_world
     img = normalize(train.images[:2])
     with torch.no_grad():
         assert torch.allclose(trained.encode_image(img), loaded.encode_image(img), atol=2e-2)
+
+
+@pytest.mark.parametrize("tower, readout", [("stage0", "local"), ("stage0", "flat"), ("reward_clip", "flat")])
+def test_cell_label_objective_trains_the_tower_and_leaves_a_plain_model(tiny_world, tmp_path, tower, readout):
+    """The cell-label objective reads every cell's shape, colour and size from the tower's tokens
+    (all of them, or each cell from its own patches) and trains the tower through them (its loss
+    falls); it includes the position loss, and the reward CLIP saved after it is a plain
+    open_clip CLIP again."""
+    from shapes_world.pretrain.clip import CellLabelLoss, build_clip_with_positions, position_loss, remove_position_head, train_clip
+    from shapes_world.pretrain.common import load_split, normalize
+    from shapes_world.pretrain.vision import STAGE0_CLIP, build_stage0
+
+    train = load_split(tiny_world / "train.parquet")
+    cfg, build = (STAGE0_CLIP, build_stage0) if tower == "stage0" else (CLIP_CONFIGS["reward"], build_clip_with_positions)
+    cells = CellLabelLoss(train.scenes, weight=1.0, readout=readout)
+    cells_only = CellLabelLoss(train.scenes, weight=1.0, position=False, readout=readout)
+    rows = torch.arange(32)
+    torch.manual_seed(0)
+    model = cells.attach(build(cfg))
+    model.encode_image(normalize(train.images[:32]))
+    heads_out = {a: h.out_features for a, h in model.visual.cell_heads.items()}
+    assert heads_out == ({"shape": 5, "color": 7, "size": 3} if readout == "local" else {"shape": 45, "color": 63, "size": 27})
+    untrained = cells_only(model, rows).item()
+    assert untrained > 3.0  # about ln 5 + ln 7 + ln 3 = 4.7 per cell, summed over the attributes
+    assert cells(model, rows).item() == pytest.approx(untrained + position_loss(model).item(), rel=1e-5)
+    cells(model, rows).backward()  # it shapes the tower's tokens, not only its heads
+    layer = model.visual.model.encoder.layers[-1].mlp.fc2 if tower == "stage0" else model.visual.transformer.resblocks[-1].mlp.c_proj
+    assert layer.weight.grad.abs().sum() > 0
+    trained = train_clip(train, cfg, seed=0, steps=80, batch_size=32, warmup=10, build=lambda c: cells.attach(build(c)),
+                         aux_loss=cells)
+    with torch.no_grad():
+        trained.encode_image(normalize(train.images[:32]))
+        assert cells_only(trained, rows).item() < 0.7 * untrained
+    if tower == "reward_clip":
+        remove_position_head(trained)
+        assert not any("cell_heads" in k or "position_head" in k for k in trained.state_dict())
+        save_clip(trained, cfg, tmp_path / "clip")
+        open_clip.create_model("local-dir:" + str(tmp_path / "clip"))  # strict load: no extra keys
 
 
 def test_caption_and_lm_losses_in_length_groups_equal_one_padded_batch(tokenizer):

@@ -187,10 +187,7 @@ def test_binding_reward_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local)
     """The counterfactual-contrast component, switched on in the config, runs inside a Ray reward
     actor: logged on its own as r/binding, equal to the component called by hand on the same
     images and captions, and weighted into the total."""
-    from rewards.actor import RewardActor, reward_actor_options
     from rewards.binding import BindingReward
-    from vlrm.data import open_source
-    from vlrm.schema import make_rollout_batch
 
     clip = paths[2]
     cfg = _cfg(paths, tmp_path, "binding", 1, reward__components={
@@ -198,30 +195,20 @@ def test_binding_reward_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local)
         "binding": {"weight": 2.0, "path": str(clip), "max_swaps": 3}})
     captions = ["a large red circle at the top and a small blue square at the left", "a red circle",
                 "a small green cross at the center and a small green triangle at the bottom"]
-    batch = make_rollout_batch(batch_id="bind-0", actor_id="r", policy_version=0, image_rows=[0, 1, 2],
-                               sample_index=[0, 0, 0], texts=captions, tokens=[[5], [6], [7]],
-                               logprobs=[[-1.0], [-1.0], [-1.0]])
-    actor = RewardActor.options(**reward_actor_options(cfg)).remote(cfg, "reward-b")
-    scored_ref, _ = actor.score.remote(batch)
-    scored = ray_local.get(scored_ref)
-    images, _, _ = open_source(cfg.data).split(cfg.data.train_split).images([0, 1, 2])
+    scored, images = _score_in_reward_actor(cfg, ray_local, captions, image_rows=[0, 1, 2], sample_index=[0, 0, 0])
     want = BindingReward(str(clip), max_swaps=3)(images, captions)
     got = torch.tensor(scored.column("r/binding").to_pylist())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert got[1].item() == 0.0 and got[0].item() != 0.0  # one object: nothing to swap
     torch.testing.assert_close(torch.tensor(scored.column("reward").to_pylist()), 2.0 * want, rtol=1e-4, atol=1e-4)
-    ray_local.kill(actor)
 
 
 def test_phrase_itm_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local):
     """The per-phrase ITM check, switched on in the config, runs inside a Ray reward actor:
     logged on its own as r/phrase_itm, equal to the component called by hand, weighted into the
     total beside the CLIP reward."""
-    from rewards.actor import RewardActor, reward_actor_options
     from rewards.clip_reward import ClipReward
     from rewards.phrase_itm import PhraseItmReward
-    from vlrm.data import open_source
-    from vlrm.schema import make_rollout_batch
 
     _, _, clip, itm = paths
     cfg = _cfg(paths, tmp_path, "phrases", 1, reward__components={
@@ -229,19 +216,31 @@ def test_phrase_itm_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local):
         "repeat": {"weight": 0.0}, "phrase_itm": {"weight": 0.5, "path": str(itm)}})
     captions = ["a large red circle at the top and a small blue square at the left", "a red circle",
                 "a small green cross, a triangle and a blue square"]
-    batch = make_rollout_batch(batch_id="phr-0", actor_id="r", policy_version=0, image_rows=[0, 1, 1],
-                               sample_index=[0, 0, 1], texts=captions, tokens=[[5], [6], [7]],
-                               logprobs=[[-1.0], [-1.0], [-1.0]])
-    actor = RewardActor.options(**reward_actor_options(cfg)).remote(cfg, "reward-p")
-    scored_ref, _ = actor.score.remote(batch)
-    scored = ray_local.get(scored_ref)
-    images, _, _ = open_source(cfg.data).split(cfg.data.train_split).images([0, 1, 1])
+    scored, images = _score_in_reward_actor(cfg, ray_local, captions, image_rows=[0, 1, 1], sample_index=[0, 0, 1])
     want = PhraseItmReward(str(itm))(images, captions)
     got = torch.tensor(scored.column("r/phrase_itm").to_pylist())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     total = ClipReward(str(clip))(images, captions) + 0.5 * want
     torch.testing.assert_close(torch.tensor(scored.column("reward").to_pylist()), total, rtol=1e-4, atol=1e-4)
-    ray_local.kill(actor)
+
+
+def _score_in_reward_actor(cfg, ray_local, captions: list[str], image_rows: list[int], sample_index: list[int]):
+    """Score one rollout batch of ``captions`` (of training rows ``image_rows``) in a fresh Ray
+    reward actor; returns the scored batch and those rows' images."""
+    from rewards.actor import RewardActor, reward_actor_options
+    from vlrm.data import open_source
+    from vlrm.schema import make_rollout_batch
+
+    batch = make_rollout_batch(batch_id="component-0", actor_id="r", policy_version=0, image_rows=image_rows,
+                               sample_index=sample_index, texts=captions, tokens=[[5 + i] for i in range(len(captions))],
+                               logprobs=[[-1.0]] * len(captions))
+    actor = RewardActor.options(**reward_actor_options(cfg)).remote(cfg, "reward-component")
+    try:
+        scored = ray_local.get(actor.score.remote(batch)[0])
+    finally:
+        ray_local.kill(actor)
+    images, _, _ = open_source(cfg.data).split(cfg.data.train_split).images(image_rows)
+    return scored, images
 
 
 def _scored_batch(cfg, batch_id: str, n_images: int = 3, k: int = 2):

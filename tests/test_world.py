@@ -268,6 +268,56 @@ def test_cell_probe_reads_informative_features_and_not_noise():
     assert bad["size"]["small_acc"] + bad["size"]["large_acc"] < 1.5  # noise cannot read both sizes
 
 
+def test_cell_loss_is_each_cells_cross_entropy_summed_over_attributes():
+    """By hand: one scene, heads whose logits are fixed rows; the loss is, per attribute, the mean
+    over the 9 cells of -log softmax at the cell's label (its value, or "empty")."""
+    import math
+
+    import torch
+
+    from shapes_world.cells import cell_heads, cell_loss
+    from shapes_world.world import CELL_ATTRIBUTES, POSITIONS, cell_labels
+
+    scene = {"background": "white", "objects": [{"shape": "square", "color": "red", "size": "small", "position": "center"}]}
+    labels = cell_labels([scene])
+    heads = cell_heads(1)
+    expected = 0.0
+    for a, h in heads.items():
+        k = len(CELL_ATTRIBUTES[a]) + 1
+        with torch.no_grad():
+            h.weight.zero_()
+            h.bias.copy_(torch.zeros(len(POSITIONS), k).index_fill_(1, torch.tensor([0]), 2.0).flatten())
+        # logit 2 on the first value, 0 elsewhere: the centre cell's label, empty cells' "empty"
+        first = CELL_ATTRIBUTES[a].index(scene["objects"][0][a]) == 0
+        p_first, p_other = math.exp(2) / (math.exp(2) + k - 1), 1 / (math.exp(2) + k - 1)
+        centre = -math.log(p_first if first else p_other)
+        expected += (8 * -math.log(p_other) + centre) / 9
+    got = cell_loss(heads, torch.zeros(1, 1), labels, torch.tensor([0]))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_local_cell_features_average_the_patches_over_each_cell():
+    """By hand: on a 3 x 3 patch grid each cell is one patch; on 4 x 4 the top-left cell (a third
+    of the side) covers 3/4 of patch (0, 0)'s side and 1/4 of patch (0, 1)'s, so it takes
+    (0.75 * 4/3)^2 = 9/16 of its weight from patch (0, 0), 3/16 from each neighbour, 1/16 from
+    the diagonal one; [CLS] never counts."""
+    import torch
+
+    from shapes_world.cells import cell_patch_weights, local_cell_features
+
+    assert torch.allclose(cell_patch_weights(3), torch.eye(9))
+    w = cell_patch_weights(4)
+    assert torch.allclose(w.sum(1), torch.ones(9))
+    assert torch.allclose(w[0].view(4, 4)[:2, :2], torch.tensor([[9, 3], [3, 1]]) / 16)
+    assert torch.allclose(w[4].view(4, 4)[1:3, 1:3], torch.full((2, 2), 0.25))  # the centre: four quarters
+    tokens = torch.arange(17.0).view(1, 17, 1).expand(2, 17, 3)  # token t holds the value t; [CLS] is 0
+    cells = local_cell_features(tokens)
+    assert cells.shape == (2, 9, 3)
+    assert cells[0, 0, 0].item() == pytest.approx((9 * 1 + 3 * 2 + 3 * 5 + 1 * 6) / 16)  # patches (0,0) (0,1) (1,0) (1,1)
+    with pytest.raises(ValueError, match="square grid"):
+        local_cell_features(torch.zeros(1, 16, 3))
+
+
 def test_supervised_tower_trains_on_the_cells_labels_and_rerender_draws_bigger_objects(tiny_world):
     """The tower ceiling trains a fresh tower of the captioner's class and its heads on the cells'
     labels: 60 steps on the tiny world already tell empty cells from occupied ones far better than

@@ -36,6 +36,14 @@ ITM_COUNTERFACTUALS = 4
 # Binding negatives per scene for the reward CLIP (``--reward-clip-negatives``; NegCLIP: each
 # training image must also prefer its alt-text to one with two objects' values traded).
 REWARD_CLIP_NEGATIVES = 0
+# Weight of the cell-label objective (``clip.CellLabelLoss``: every grid cell's shape, colour and
+# size read from the tower's tokens) for stage 0 and for the reward CLIP; 0: contrastive and
+# position losses only. The evaluator CLIP never gets it.
+CELL_LOSS = {"vision": 0.0, "reward_clip": 0.0}
+# How it reads the cells (``CellLabelLoss.readout``): stage 0's tokens feed the Q-Former's
+# attention, so each cell from its own patches; the reward CLIP is scored by its pooled output,
+# so from all tokens. Stage 0 read flat left its Q-Former unable to learn ITC (BENCHMARKS.md).
+CELL_READOUT = {"vision": "local", "reward_clip": "flat"}
 # "vision" is stage 0, the BLIP-2 vision tower; it is stored inside reward_itm and captioner.
 MODELS = ("reward_clip", "eval_clip", "vision", "reward_itm", "captioner")
 SEEDS = {"reward_clip": 11, "eval_clip": 22, "vision": 55, "itm": 33, "captioner": 44}
@@ -66,11 +74,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reward-clip-negatives", type=int, default=REWARD_CLIP_NEGATIVES,
                    help="binding negatives per training scene for the reward CLIP (NegCLIP; 0: plain CLIP); "
                         "the evaluator CLIP never gets them")
+    p.add_argument("--vision-cell-loss", type=float, default=CELL_LOSS["vision"],
+                   help="weight of the cell-label objective in stage 0 (clip.CellLabelLoss; 0: off)")
+    p.add_argument("--reward-clip-cell-loss", type=float, default=CELL_LOSS["reward_clip"],
+                   help="weight of the cell-label objective for the reward CLIP (0: off); the evaluator CLIP never gets it")
+    for name in CELL_READOUT:
+        p.add_argument(f"--{name.replace('_', '-')}-cell-readout", choices=("flat", "local"), default=CELL_READOUT[name],
+                       help=f"how the cell-label objective reads the cells for {name} (clip.CellLabelLoss)")
+    p.add_argument("--steps", default="", metavar="NAME=N,...",
+                   help=f"override step counts, e.g. vision=1200 (names: {','.join(STEPS)}); --scale applies after")
     p.add_argument("--only", default=",".join(MODELS),
                    help="comma-separated subset of %s to rebuild; the others are read from --out" % ",".join(MODELS))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    steps = {k: max(2, int(v * a.scale)) for k, v in STEPS.items()}
+    try:
+        overrides = {k: int(v) for k, v in (item.split("=", 1) for item in a.steps.split(",") if item)}
+    except ValueError:
+        p.error(f"--steps {a.steps!r}: expected NAME=N,... with whole numbers")
+    if set(overrides) - set(STEPS):
+        p.error(f"--steps: unknown name(s) {sorted(set(overrides) - set(STEPS))}; choose from {','.join(STEPS)}")
+    steps = {k: max(2, int(v * a.scale)) for k, v in (STEPS | overrides).items()}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -90,10 +113,22 @@ def main(argv: list[str] | None = None) -> None:
     metrics |= {"steps": steps, "seeds": SEEDS, "world_seed": a.seed, "num_train": len(train.images)}
     if "reward_clip" in only:
         metrics["reward_clip_negatives"] = a.reward_clip_negatives
+        metrics["reward_clip_cell_loss"] = a.reward_clip_cell_loss
+        metrics["reward_clip_cell_readout"] = a.reward_clip_cell_readout
+    if "vision" in only:
+        metrics["vision_cell_loss"] = a.vision_cell_loss
+        metrics["vision_cell_readout"] = a.vision_cell_readout
     timings: dict = metrics.get("seconds", {})
 
-    from shapes_world.pretrain.clip import (CLIP_CONFIGS, build_clip_with_positions, position_loss, remove_position_head, save_clip,
-                                            train_clip)
+    from shapes_world.pretrain.clip import (CLIP_CONFIGS, CellLabelLoss, build_clip_with_positions, position_loss,
+                                            remove_position_head, save_clip, train_clip)
+
+    def objective(weight: float, readout: str, scenes: list[dict], build):
+        """(build, aux_loss) for train_clip: the position loss, plus the cell-label one if weighted."""
+        if not weight:
+            return build, position_loss
+        cells = CellLabelLoss(scenes, weight, readout=readout)
+        return (lambda cfg: cells.attach(build(cfg))), cells
 
     half = len(train.images) // 2
     for name, cfg_name, rows in (("reward_clip", "reward", slice(0, half)), ("eval_clip", "evaluator", slice(half, None))):
@@ -105,8 +140,10 @@ def main(argv: list[str] | None = None) -> None:
         if name == "reward_clip" and a.reward_clip_negatives:
             _, negatives = counterfactual_texts(subset.scenes, a.reward_clip_negatives, SEEDS[name], binding=True)
         # The position loss (as in stage 0) gets both CLIPs past 0.9 in 400-450 steps instead of 600.
+        build, aux = objective(a.reward_clip_cell_loss if name == "reward_clip" else 0.0, a.reward_clip_cell_readout,
+                               subset.scenes, build_clip_with_positions)
         model = train_clip(subset, CLIP_CONFIGS[cfg_name], seed=SEEDS[name], steps=steps[name], name=name,
-                           build=build_clip_with_positions, aux_loss=position_loss, hard_negatives=negatives)
+                           build=build, aux_loss=aux, hard_negatives=negatives)
         remove_position_head(model)
         save_clip(model, CLIP_CONFIGS[cfg_name], out / name,
                   extra={"trained_on": f"train scenes [{rows.start}, {rows.stop or len(train.images)})"})
@@ -124,8 +161,9 @@ def main(argv: list[str] | None = None) -> None:
                  if only & {"reward_itm", "captioner"} and not only >= {"vision", "reward_itm"} else None)
     if "vision" in only:
         t0 = time.time()
-        stage0 = train_clip(train, STAGE0_CLIP, seed=SEEDS["vision"], steps=steps["vision"], name="vision", build=build_stage0,
-                            aux_loss=position_loss)
+        build, aux = objective(a.vision_cell_loss, a.vision_cell_readout, train.scenes, build_stage0)
+        stage0 = train_clip(train, STAGE0_CLIP, seed=SEEDS["vision"], steps=steps["vision"], name="vision", build=build,
+                            aux_loss=aux)
         vision = stage0.visual.model
         metrics["vision"] = clip_alt_text_metrics(stage0, test)
         timings["vision"] = time.time() - t0

@@ -62,11 +62,11 @@ def save_clip(model: open_clip.CLIP, model_cfg: dict, out: str | Path, extra: di
     return out
 
 
-def position_loss(model) -> torch.Tensor:
+def position_loss(model, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of each output token's index, read back by ``model.visual.position_head``
     from the tokens of the last ``encode_image`` (all of them, [CLS] included). Works for the
     stage-0 tower (``vision.Blip2VisionTower``) and for an open_clip ViT given a head by
-    :func:`add_position_head`."""
+    :func:`add_position_head`. ``rows`` (the batch's scenes) is not needed."""
     tower = model.visual
     logits = tower.position_head(tower.tokens)  # [B, T, T]
     target = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
@@ -92,8 +92,62 @@ def remove_position_head(model):
     visual = model.visual
     visual._position_hook.remove()
     del visual.position_head, visual._position_hook
+    if hasattr(visual, "cell_heads"):
+        del visual.cell_heads
     visual.tokens = None
     return model
+
+
+class CellLabelLoss:
+    """The cell-label objective: every grid cell's shape, colour and size (or "empty"), read
+    linearly (``cells.cell_heads``) from the image tower's output tokens of the last
+    ``encode_image``, times ``weight``. Contrastive training on whole-scene alt-text leaves a
+    small object's shape near chance in the tokens (``shapes_world.probe``); the labels are the
+    world's ground truth, used in pretraining only, as the alt-texts are.
+
+    ``readout="flat"`` reads every cell from all tokens flattened: the tower may put a cell's
+    facts in any token (the [CLS] one included), which serves a CLIP scored by its pooled
+    output. ``"local"`` reads each cell from the patch tokens over it
+    (``cells.local_cell_features``), one classifier for all cells: a cell's facts must be in
+    its own patches, where a Q-Former's attention finds them.
+
+    ``attach(model)`` gives ``model.visual`` its heads (before the optimiser is built: pass it
+    inside ``build``); ``remove_position_head`` takes them off again. With ``position=True`` the
+    loss adds :func:`position_loss`, so that it replaces it as ``aux_loss``.
+    """
+
+    READOUTS = ("flat", "local")
+
+    def __init__(self, scenes: list[dict], weight: float = 1.0, position: bool = True, readout: str = "flat"):
+        from shapes_world.world import cell_labels
+
+        if readout not in self.READOUTS:
+            raise ValueError(f"readout must be one of {self.READOUTS}, got {readout!r}")
+        self.labels, self.weight, self.position, self.readout = cell_labels(scenes), weight, position, readout
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        from shapes_world.cells import local_cell_features
+
+        return local_cell_features(tokens) if self.readout == "local" else tokens.flatten(1)
+
+    def attach(self, model):
+        from shapes_world.cells import cell_heads
+
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        with torch.no_grad():
+            model.encode_image(torch.zeros(1, 3, size, size))
+        x = self.features(model.visual.tokens)
+        model.visual.cell_heads = cell_heads(x.shape[-1], cells=1) if self.readout == "local" else cell_heads(x.shape[-1])
+        return model
+
+    def __call__(self, model, rows: torch.Tensor) -> torch.Tensor:
+        from shapes_world.cells import cell_loss
+
+        visual = model.visual
+        x = self.features(visual.tokens)
+        loss = self.weight * cell_loss(visual.cell_heads, x, self.labels, rows.to(x.device))
+        return loss + position_loss(model) if self.position else loss
 
 
 @torch.no_grad()
@@ -122,10 +176,10 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
 def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, batch_size: int = 256,
                lr: float = 1e-3, warmup: int = 100, name: str = "clip", build=build_clip,
                aux_loss=None, hard_negatives: list[list[str]] | None = None, device: str = "cpu") -> open_clip.CLIP:
-    """``aux_loss(model) -> scalar``, if given, is added to the contrastive loss after each
-    image forward (:func:`position_loss`). ``hard_negatives``: per training scene, a pool of
-    texts that are false of it (``world.counterfactual_texts``); each step adds one
-    per image as an extra column of the image -> text contrast (NegCLIP, Yuksekgonul et al.
+    """``aux_loss(model, rows) -> scalar``, if given, is added to the contrastive loss after each
+    image forward of the training scenes ``rows`` (:func:`position_loss`, :class:`CellLabelLoss`).
+    ``hard_negatives``: per training scene, a pool of texts that are false of it
+    (``world.counterfactual_texts``); each step adds one per image as an extra column of the image -> text contrast (NegCLIP, Yuksekgonul et al.
     2023). ``device``: where to train (the model comes back on the CPU)."""
     gen = seed_everything(seed)
     model = build(model_cfg).to(device)
@@ -156,7 +210,7 @@ def train_clip(train: SplitTensors, model_cfg: dict, *, seed: int, steps: int, b
         loss = contrastive_loss(img, txt, model.logit_scale.exp(), neg)
         extra = {}
         if aux_loss is not None:
-            extra["aux"] = aux_loss(model)
+            extra["aux"] = aux_loss(model, idx)
             loss = loss + extra["aux"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -39,6 +39,7 @@ class Blip2VisionTower(nn.Module):
 
     def __init__(self, image_size: int, embed_dim: int):
         super().__init__()
+        self.image_size = image_size
         self.model = Blip2VisionModel(vision_config(image_size))
         self.proj = nn.Linear(self.model.config.hidden_size, embed_dim, bias=False)
         self.position_head = nn.Linear(self.model.config.hidden_size, self.model.embeddings.num_positions)

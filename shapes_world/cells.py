@@ -1,0 +1,68 @@
+"""Linear read-outs of each grid cell's attributes from an image tower's features.
+
+One classifier per attribute maps features ``[N, D]`` to the 9 cells x (its values + "empty"),
+or, read locally, each cell's own features ``[N, 9, D]`` (``local_cell_features``) to its values
++ "empty", one classifier shared by all cells. The probes (``shapes_world.probe``) fit them on
+frozen features to ask what a tower knows; the cell-label objective
+(``pretrain.clip.CellLabelLoss``) trains them with the tower, so that the tower learns to tell
+each cell's shape, colour and size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shapes_world.world import CELL_ATTRIBUTES, POSITIONS, cell_labels
+
+
+def cell_heads(dim: int, cells: int = len(POSITIONS)) -> nn.ModuleDict:
+    """One linear classifier per attribute: features ``[N, dim]`` -> ``cells`` x (values + empty);
+    ``cells=1`` for features already per cell (``[N, 9, dim]``)."""
+    return nn.ModuleDict({a: nn.Linear(dim, cells * (len(v) + 1)) for a, v in CELL_ATTRIBUTES.items()})
+
+
+def cell_patch_weights(grid: int) -> torch.Tensor:
+    """``[9, grid * grid]``: the share of each grid cell (3 x 3, row-major as ``POSITIONS``) that
+    each patch of a ``grid`` x ``grid`` ViT covers; each row sums to 1."""
+    edges_c, edges_p = torch.linspace(0, 1, 4), torch.linspace(0, 1, grid + 1)
+    lo = torch.maximum(edges_c[:-1, None], edges_p[None, :-1])
+    overlap = (torch.minimum(edges_c[1:, None], edges_p[None, 1:]) - lo).clamp(min=0)  # [3, grid], one axis
+    w = (overlap[:, None, :, None] * overlap[None, :, None, :]).reshape(9, grid * grid)  # rows (r, c), cols (i, j)
+    return w / w.sum(1, keepdim=True)
+
+
+def local_cell_features(tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, 9, D]``: each grid cell's features, the mean of the patch tokens over it weighted by
+    how much of it each covers, from a ViT's output tokens ``[B, 1 + grid * grid, D]`` ([CLS]
+    first, patches row-major)."""
+    grid = int(round((tokens.shape[1] - 1) ** 0.5))
+    if grid * grid != tokens.shape[1] - 1:
+        raise ValueError(f"{tokens.shape[1]} tokens are not [CLS] + a square grid of patches")
+    return torch.einsum("cp,bpd->bcd", cell_patch_weights(grid).to(tokens), tokens[:, 1:])
+
+
+def cell_loss(heads: nn.ModuleDict, x: torch.Tensor, labels: dict, rows: torch.Tensor) -> torch.Tensor:
+    """Summed over attributes: the cross-entropy of every cell's value, features ``x`` ``[B, dim]``
+    (or per cell, ``[B, 9, dim]``, with ``cell_heads(dim, cells=1)``) of the scenes ``rows``
+    ``[B]`` (indices into ``labels``, from ``world.cell_labels``)."""
+    return sum(F.cross_entropy(h(x).view(len(rows) * len(POSITIONS), -1), labels[a][rows].reshape(-1))
+               for a, h in heads.items())
+
+
+@torch.no_grad()
+def cell_accuracy(heads: nn.ModuleDict, x: torch.Tensor, scenes: list[dict]) -> dict[str, dict[str, float]]:
+    """Per attribute: accuracy of the value on occupied cells (all, and by the object's size) and
+    of "empty or not" over all cells."""
+    y = cell_labels(scenes)
+    small = y["size"] == CELL_ATTRIBUTES["size"].index("small")
+    result = {}
+    for a, h in heads.items():
+        empty = len(CELL_ATTRIBUTES[a])
+        pred = h(x).view(len(x), len(POSITIONS), -1).argmax(-1)
+        occupied = y[a] != empty
+        hit = (pred == y[a]).float()
+        result[a] = {"occupied_acc": float(hit[occupied].mean()), "small_acc": float(hit[occupied & small].mean()),
+                     "large_acc": float(hit[occupied & ~small].mean()),
+                     "empty_acc": float(((pred == empty) == ~occupied).float().mean())}
+    return result
