@@ -13,13 +13,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shapes_world.world import CELL_ATTRIBUTES, POSITIONS, cell_labels
+from shapes_world.world import BACKGROUNDS, CELL_ATTRIBUTES, POSITIONS, cell_labels
+
+# With the background: every cell, empty or not, also tells the scene's background.
+WITH_BACKGROUND = CELL_ATTRIBUTES | {"background": list(BACKGROUNDS)}
 
 
-def cell_heads(dim: int, cells: int = len(POSITIONS)) -> nn.ModuleDict:
+def cell_heads(dim: int, cells: int = len(POSITIONS), attributes: dict = CELL_ATTRIBUTES) -> nn.ModuleDict:
     """One linear classifier per attribute: features ``[N, dim]`` -> ``cells`` x (values + empty);
     ``cells=1`` for features already per cell (``[N, 9, dim]``)."""
-    return nn.ModuleDict({a: nn.Linear(dim, cells * (len(v) + 1)) for a, v in CELL_ATTRIBUTES.items()})
+    return nn.ModuleDict({a: nn.Linear(dim, cells * (len(v) + 1)) for a, v in attributes.items()})
+
+
+def labels_with_background(scenes: list[dict]) -> dict:
+    """``world.cell_labels`` plus ``"background"`` ``[N, 9]``: the scene's background index in
+    every cell. Without it, an objective that calls every empty cell just "empty" teaches the
+    tower to drop the background from its patch tokens."""
+    labels = cell_labels(scenes)
+    names = list(BACKGROUNDS)
+    labels["background"] = torch.tensor([[names.index(s["background"])] * len(POSITIONS) for s in scenes],
+                                        dtype=torch.long).view(len(scenes), len(POSITIONS))
+    return labels
 
 
 def cell_patch_weights(grid: int) -> torch.Tensor:

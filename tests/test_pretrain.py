@@ -21,7 +21,7 @@ def test_pretrain_smoke_writes_all_models_and_metrics(tiny_world, tmp_path):
     for name in ("reward_clip", "eval_clip", "reward_itm", "captioner_greedy_test"):
         assert name in metrics
     assert metrics["reward_clip_negatives"] == 2
-    assert (metrics["vision_cell_loss"], metrics["reward_clip_cell_loss"]) == (0.5, 1.0)
+    assert (metrics["vision_cell_loss"], metrics["reward_clip_cell_loss"], metrics["cell_background"]) == (0.5, 1.0, True)
     assert metrics["steps"]["vision"] == 4 and metrics["steps"]["itm"] == 6  # 1000 and 1600, times the scale
     # ITC rank, ITM re-rank and LAVIS's ITM + ITC re-rank, each a share of the 32 test images
     assert set(metrics["reward_itm"]) == {"itc_top1", "itm_top1", "itm_itc_top1"}
@@ -251,26 +251,28 @@ def test_clip_position_head_trains_and_leaves_a_plain_open_clip_model(tiny_world
         assert torch.allclose(trained.encode_image(img), loaded.encode_image(img), atol=2e-2)
 
 
-@pytest.mark.parametrize("tower, readout", [("stage0", "local"), ("stage0", "flat"), ("reward_clip", "flat")])
-def test_cell_label_objective_trains_the_tower_and_leaves_a_plain_model(tiny_world, tmp_path, tower, readout):
-    """The cell-label objective reads every cell's shape, colour and size from the tower's tokens
-    (all of them, or each cell from its own patches) and trains the tower through them (its loss
-    falls); it includes the position loss, and the reward CLIP saved after it is a plain
-    open_clip CLIP again."""
+@pytest.mark.parametrize("tower, readout, background",
+                         [("stage0", "local", True), ("stage0", "flat", False), ("reward_clip", "flat", False)])
+def test_cell_label_objective_trains_the_tower_and_leaves_a_plain_model(tiny_world, tmp_path, tower, readout, background):
+    """The cell-label objective reads every cell's shape, colour and size (and, if asked, the
+    background) from the tower's tokens (all of them, or each cell from its own patches) and
+    trains the tower through them (its loss falls); it includes the position loss, and the
+    reward CLIP saved after it is a plain open_clip CLIP again."""
     from shapes_world.pretrain.clip import CellLabelLoss, build_clip_with_positions, position_loss, remove_position_head, train_clip
     from shapes_world.pretrain.common import load_split, normalize
     from shapes_world.pretrain.vision import STAGE0_CLIP, build_stage0
 
     train = load_split(tiny_world / "train.parquet")
     cfg, build = (STAGE0_CLIP, build_stage0) if tower == "stage0" else (CLIP_CONFIGS["reward"], build_clip_with_positions)
-    cells = CellLabelLoss(train.scenes, weight=1.0, readout=readout)
-    cells_only = CellLabelLoss(train.scenes, weight=1.0, position=False, readout=readout)
+    cells = CellLabelLoss(train.scenes, weight=1.0, readout=readout, background=background)
+    cells_only = CellLabelLoss(train.scenes, weight=1.0, position=False, readout=readout, background=background)
     rows = torch.arange(32)
     torch.manual_seed(0)
     model = cells.attach(build(cfg))
     model.encode_image(normalize(train.images[:32]))
     heads_out = {a: h.out_features for a, h in model.visual.cell_heads.items()}
-    assert heads_out == ({"shape": 5, "color": 7, "size": 3} if readout == "local" else {"shape": 45, "color": 63, "size": 27})
+    want = {"shape": 5, "color": 7, "size": 3} | ({"background": 4} if background else {})  # values + "empty"
+    assert heads_out == {a: k if readout == "local" else 9 * k for a, k in want.items()}
     untrained = cells_only(model, rows).item()
     assert untrained > 3.0  # about ln 5 + ln 7 + ln 3 = 4.7 per cell, summed over the attributes
     assert cells(model, rows).item() == pytest.approx(untrained + position_loss(model).item(), rel=1e-5)

@@ -296,6 +296,19 @@ def test_cell_loss_is_each_cells_cross_entropy_summed_over_attributes():
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_labels_with_background_tell_every_cell_the_background():
+    import torch
+
+    from shapes_world.cells import labels_with_background
+
+    scenes = [{"background": "white", "objects": [{"shape": "cross", "color": "red", "size": "small", "position": "top"}]},
+              {"background": "black", "objects": []}]
+    labels = labels_with_background(scenes)
+    assert labels["background"].tolist() == [[list(BACKGROUNDS).index("white")] * 9, [list(BACKGROUNDS).index("black")] * 9]
+    assert labels["shape"][0, 1].item() == SHAPES.index("cross") and (labels["shape"][1] == len(SHAPES)).all()
+    assert set(labels) == {"shape", "color", "size", "background"} and labels["background"].dtype == torch.long
+
+
 def test_local_cell_features_average_the_patches_over_each_cell():
     """By hand: on a 3 x 3 patch grid each cell is one patch; on 4 x 4 the top-left cell (a third
     of the side) covers 3/4 of patch (0, 0)'s side and 1/4 of patch (0, 1)'s, so it takes

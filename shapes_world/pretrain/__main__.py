@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in CELL_READOUT:
         p.add_argument(f"--{name.replace('_', '-')}-cell-readout", choices=("flat", "local"), default=CELL_READOUT[name],
                        help=f"how the cell-label objective reads the cells for {name} (clip.CellLabelLoss)")
+    p.add_argument("--cell-background", action=argparse.BooleanOptionalAction, default=True,
+                   help="the cell-label objective also asks every cell for the scene's background (clip.CellLabelLoss; "
+                        "without it stage 0 dropped the background and the ITM could not learn ITC)")
     p.add_argument("--steps", default="", metavar="NAME=N,...",
                    help=f"override step counts, e.g. vision=1200 (names: {','.join(STEPS)}); --scale applies after")
     p.add_argument("--only", default=",".join(MODELS),
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     if "vision" in only:
         metrics["vision_cell_loss"] = a.vision_cell_loss
         metrics["vision_cell_readout"] = a.vision_cell_readout
+    if only & {"vision", "reward_clip"}:
+        metrics["cell_background"] = a.cell_background
     timings: dict = metrics.get("seconds", {})
 
     from shapes_world.pretrain.clip import (CLIP_CONFIGS, CellLabelLoss, build_clip_with_positions, position_loss,
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         """(build, aux_loss) for train_clip: the position loss, plus the cell-label one if weighted."""
         if not weight:
             return build, position_loss
-        cells = CellLabelLoss(scenes, weight, readout=readout)
+        cells = CellLabelLoss(scenes, weight, readout=readout, background=a.cell_background)
         return (lambda cfg: cells.attach(build(cfg))), cells
 
     half = len(train.images) // 2

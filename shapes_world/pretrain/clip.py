@@ -111,6 +111,10 @@ class CellLabelLoss:
     (``cells.local_cell_features``), one classifier for all cells: a cell's facts must be in
     its own patches, where a Q-Former's attention finds them.
 
+    ``background=True`` also asks every cell, empty or not, for the scene's background
+    (``cells.labels_with_background``): called only "empty", empty cells' tokens learned to drop
+    the background, and a Q-Former reading them could not learn ITC (BENCHMARKS.md).
+
     ``attach(model)`` gives ``model.visual`` its heads (before the optimiser is built: pass it
     inside ``build``); ``remove_position_head`` takes them off again. With ``position=True`` the
     loss adds :func:`position_loss`, so that it replaces it as ``aux_loss``.
@@ -118,12 +122,16 @@ class CellLabelLoss:
 
     READOUTS = ("flat", "local")
 
-    def __init__(self, scenes: list[dict], weight: float = 1.0, position: bool = True, readout: str = "flat"):
-        from shapes_world.world import cell_labels
+    def __init__(self, scenes: list[dict], weight: float = 1.0, position: bool = True, readout: str = "flat",
+                 background: bool = False):
+        from shapes_world.cells import WITH_BACKGROUND, labels_with_background
+        from shapes_world.world import CELL_ATTRIBUTES, cell_labels
 
         if readout not in self.READOUTS:
             raise ValueError(f"readout must be one of {self.READOUTS}, got {readout!r}")
-        self.labels, self.weight, self.position, self.readout = cell_labels(scenes), weight, position, readout
+        self.labels = labels_with_background(scenes) if background else cell_labels(scenes)
+        self.attributes = WITH_BACKGROUND if background else CELL_ATTRIBUTES
+        self.weight, self.position, self.readout = weight, position, readout
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         from shapes_world.cells import local_cell_features
@@ -132,13 +140,15 @@ class CellLabelLoss:
 
     def attach(self, model):
         from shapes_world.cells import cell_heads
+        from shapes_world.world import POSITIONS
 
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         with torch.no_grad():
             model.encode_image(torch.zeros(1, 3, size, size))
         x = self.features(model.visual.tokens)
-        model.visual.cell_heads = cell_heads(x.shape[-1], cells=1) if self.readout == "local" else cell_heads(x.shape[-1])
+        model.visual.cell_heads = cell_heads(x.shape[-1], cells=1 if self.readout == "local" else len(POSITIONS),
+                                             attributes=self.attributes)
         return model
 
     def __call__(self, model, rows: torch.Tensor) -> torch.Tensor:
