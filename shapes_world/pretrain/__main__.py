@@ -42,7 +42,8 @@ REWARD_CLIP_NEGATIVES = 0
 CELL_LOSS = {"vision": 0.0, "reward_clip": 0.0}
 # How it reads the cells (``CellLabelLoss.readout``): stage 0's tokens feed the Q-Former's
 # attention, so each cell from its own patches; the reward CLIP is scored by its pooled output,
-# so from all tokens. Stage 0 read flat left its Q-Former unable to learn ITC (BENCHMARKS.md).
+# so from all tokens. Either way, without ``--cell-background`` the ITM on stage 0 could not
+# learn ITC (BENCHMARKS.md).
 CELL_READOUT = {"vision": "local", "reward_clip": "flat"}
 # "vision" is stage 0, the BLIP-2 vision tower; it is stored inside reward_itm and captioner.
 MODELS = ("reward_clip", "eval_clip", "vision", "reward_itm", "captioner")
