@@ -12,6 +12,7 @@ _EXPORTS = {
     "ClipReward": "rewards.clip_reward",
     "BindingReward": "rewards.binding",
     "ItmReward": "rewards.itm_reward",
+    "GroundedLMReward": "rewards.grounded_lm",
     "ReferenceLMReward": "rewards.ref_lm",
     "CombinedReward": "rewards.combine",
     "RewardError": "rewards.combine",

@@ -18,7 +18,8 @@ silently becomes a training signal.
 components: ``clip`` (:class:`rewards.clip_reward.ClipReward`), ``itm``
 (:class:`rewards.itm_reward.ItmReward`), ``ref`` (:class:`rewards.ref_lm.ReferenceLMReward`),
 ``bad``, ``repeat``, ``length`` (:mod:`rewards.penalties`), ``binding``
-(:class:`rewards.binding.BindingReward`), ``phrase_itm`` (:class:`rewards.phrase_itm.PhraseItmReward`).
+(:class:`rewards.binding.BindingReward`), ``phrase_itm`` (:class:`rewards.phrase_itm.PhraseItmReward`),
+``grounded_lm`` (:class:`rewards.grounded_lm.GroundedLMReward`).
 A user's component is a factory named by import path, called with its options as keyword
 arguments (plus ``device``, ``captioner_path`` and ``dtype`` where its signature names them)::
 
@@ -281,9 +282,17 @@ def _phrase_itm(ctx: RewardContext, path: str, reduce: str = "min", separators: 
     return PhraseItmReward(path, device=ctx.device, dtype=ctx.dtype, reduce=reduce, separators=separators)
 
 
+def _grounded_lm(ctx: RewardContext, path: str | None = None, negatives: int = 4, alpha: float = 1.0,
+                 per_token: bool = False) -> Callable:
+    from rewards.grounded_lm import GroundedLMReward
+
+    return GroundedLMReward(path or ctx.captioner_path, device=ctx.device, negatives=negatives, alpha=alpha,
+                            per_token=per_token, dtype=ctx.dtype)
+
+
 BUILTIN_FACTORIES: dict[str, Callable[..., Callable]] = {
     "clip": _clip, "itm": _itm, "ref": _ref, "bad": _bad, "repeat": _repeat, "length": _length,
-    "binding": _binding, "phrase_itm": _phrase_itm}
+    "binding": _binding, "phrase_itm": _phrase_itm, "grounded_lm": _grounded_lm}
 
 
 def _call_factory(factory: Callable, ctx: RewardContext, options: Mapping[str, Any], name: str) -> Callable:

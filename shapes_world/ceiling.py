@@ -10,7 +10,8 @@ one kind of attribute made wrong (:func:`prefers_truth`): whether it grounds tha
 whatever it says when it samples. The third (with ``--binding-clip`` or ``--binding-itm``) how
 often a CLIP (a BLIP-2 ITM head) scores the true full description above the same description with
 two objects' colours (shapes, sizes, positions) swapped (:func:`binding_preference`): what a
-counterfactual-contrast reward on that model can pay for. The fourth (with ``--phrase-clip`` or
+counterfactual-contrast reward on that model can pay for; ``--binding-captioner`` the same for a
+captioner's log-likelihood of the text, what the ``grounded_lm`` reward pays for. The fourth (with ``--phrase-clip`` or
 ``--phrase-itm``) the same, and for one object's attribute made wrong, with the description scored
 whole, by its weakest phrase and by its phrases' mean (:func:`phrase_preference`): what a per-phrase
 check (``rewards.phrase_itm``) can pay for.
@@ -192,6 +193,27 @@ def _itm_score(itm_dir, images):
     return lambda idx, texts: itm.match_logits(embeds, texts, idx)
 
 
+def _captioner_score(captioner_dir, images):
+    import torch
+
+    from rewards.grounded_lm import GroundedLMReward
+
+    reward = GroundedLMReward(str(captioner_dir), alpha=0.0)
+    with torch.inference_mode():
+        feats = reward.policy.image_features(reward.policy.preprocess(images))
+
+    def score(idx, texts):
+        ids, mask = reward.tokens(texts)
+        return reward.log_likelihood(feats, ids, mask, torch.as_tensor(idx, dtype=torch.long))
+    return score
+
+
+def captioner_binding(captioner_dir, images, scenes) -> dict[str, dict[str, float]]:
+    """:func:`binding_preference` of a BLIP-2 captioner's log-likelihood of the text given the image
+    (teacher-forced, summed over the tokens): what the ``grounded_lm`` reward can pay for."""
+    return binding_preference(_captioner_score(captioner_dir, images), scenes)
+
+
 def clip_binding(clip_dir, images, scenes) -> dict[str, dict[str, float]]:
     """:func:`binding_preference` of a CLIP (cosine similarity): what the ``binding`` reward can pay for."""
     return binding_preference(_clip_score(clip_dir, images), scenes)
@@ -219,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
                    "description from one with two objects' words swapped (repeatable)")
     p.add_argument("--binding-itm", action="append", default=[], help="the same for this BLIP-2 ITM model "
                    "(repeatable)")
+    p.add_argument("--binding-captioner", action="append", default=[], help="the same for this BLIP-2 captioner's "
+                   "log-likelihood of the text (repeatable)")
     p.add_argument("--phrase-clip", action="append", default=[], help="also how often this CLIP prefers the true "
                    "description scored whole, by its weakest phrase and by its phrases' mean (repeatable)")
     p.add_argument("--phrase-itm", action="append", default=[], help="the same for this BLIP-2 ITM model (repeatable)")
@@ -245,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'wrong words':12s} {'prefers truth':>14s} {'mean gap (nats)':>16s}")
         for kind, v in probe.items():
             print(f"{kind:12s} {v['prefers_truth']:14.3f} {v['gap_nats']:16.2f}")
-    probes = [(d, clip_binding) for d in a.binding_clip] + [(d, itm_binding) for d in a.binding_itm]
+    probes = ([(d, clip_binding) for d in a.binding_clip] + [(d, itm_binding) for d in a.binding_itm]
+              + [(d, captioner_binding) for d in a.binding_captioner])
     for model_dir, probe_binding in probes:
         print(f"\n{model_dir}: true description vs two objects' words of one group swapped")
         print(f"{'swapped':12s} {'prefers truth':>14s} {'images':>7s}")

@@ -446,3 +446,84 @@ def test_phrase_itm_on_a_flickr8k_photo_and_its_human_caption(itm_reward, tiny_i
     image = Image.open(FLICKR / "images" / entry["filename"]).convert("RGB")
     got = PhraseItmReward(str(tiny_itm_dir))([image], [caption])
     torch.testing.assert_close(got[0], itm_reward([image] * len(phrases), phrases).min(), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the base captioner's likelihood ratio
+
+
+def test_negative_images_are_the_next_distinct_images_cyclically():
+    from rewards.grounded_lm import negative_images
+
+    assert negative_images([0, 0, 1, 2], 3, 4).tolist() == [[1, 2], [1, 2], [2, 0], [0, 1]]  # K = 3 - 1
+    assert negative_images([2, 0], 4, 1).tolist() == [[3], [1]]
+    assert negative_images([0, 0], 1, 4).shape == (2, 0)  # one image: nothing to contrast
+
+
+@torch.no_grad()
+def _caption_log_likelihood(model, tokenizer, pixels, caption: str) -> torch.Tensor:
+    """Sum of log p(token | image, earlier tokens) over the caption's tokens and EOS, from a plain
+    ``Blip2ForConditionalGeneration`` forward (image placeholders, BOS, the tokens)."""
+    cfg = model.config
+    toks = tokenizer(caption, add_special_tokens=False)["input_ids"] + [cfg.text_config.eos_token_id]
+    q = cfg.num_query_tokens
+    ids = torch.tensor([[cfg.image_token_id] * q + [cfg.text_config.bos_token_id] + toks[:-1]])
+    logits = model(pixel_values=pixels[None], input_ids=ids).logits[0, q:].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(toks)[:, None]).sum()
+
+
+def test_grounded_lm_is_own_likelihood_minus_alpha_times_the_negatives_mean(tiny_captioner_dir):
+    """Hand-computed with a plain BLIP-2 forward: caption i's log-likelihood given its own image
+    minus alpha times its mean log-likelihood given the next K distinct images of the call."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from rewards.grounded_lm import GroundedLMReward
+    from vlrm.config import from_dict
+
+    model = Blip2ForConditionalGeneration.from_pretrained(str(tiny_captioner_dir)).eval()
+    processor = Blip2Processor.from_pretrained(str(tiny_captioner_dir))
+    imgs = _images(3, seed=4)
+    pixels = processor.image_processor(images=imgs, return_tensors="pt")["pixel_values"]
+    caps = ["a red circle", "two blue squares on a green background", "a small yellow triangle", ""]
+    index = [0, 0, 1, 2]
+    L = torch.stack([torch.stack([_caption_log_likelihood(model, processor.tokenizer, pixels[j], c) for j in range(3)])
+                     for c in caps])  # [caption, image]
+    negs = {0: [1, 2], 1: [2, 0], 2: [0, 1]}
+    want = torch.stack([L[i, index[i]] - 0.5 * L[i, negs[index[i]]].mean() for i in range(4)])
+    reward = GroundedLMReward(str(tiny_captioner_dir), negatives=2, alpha=0.5, batch_size=3)
+    torch.testing.assert_close(reward(imgs, caps, image_index=index), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reward([imgs[j] for j in index], caps), want, rtol=1e-4, atol=1e-4)  # same by id
+    one = GroundedLMReward(str(tiny_captioner_dir), negatives=1, alpha=1.0, per_token=True)
+    n_tok = torch.tensor([len(processor.tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 for c in caps])
+    want_one = torch.stack([L[i, index[i]] - L[i, (index[i] + 1) % 3] for i in range(4)]) / n_tok
+    torch.testing.assert_close(one(imgs, caps, image_index=index), want_one, rtol=1e-4, atol=1e-4)
+    alone = reward([imgs[0]], caps[:2], image_index=[0, 0])  # one image: the plain log-likelihood
+    torch.testing.assert_close(alone, L[:2, 0], rtol=1e-4, atol=1e-4)
+    assert reward([], []).shape == (0,)
+    with pytest.raises(ValueError, match="negatives"):
+        GroundedLMReward(str(tiny_captioner_dir), negatives=-1)
+    cfg = from_dict({"reward": {"components": {"clip": {"weight": 0.0}, "bad": {"weight": 0.0}, "repeat": {"weight": 0.0},
+                                               "grounded_lm": {"weight": 2.0, "negatives": 2, "alpha": 0.5}}}})
+    out = build_reward(cfg.reward, captioner_path=str(tiny_captioner_dir))(imgs, caps, image_index=index)
+    torch.testing.assert_close(out.components["grounded_lm"], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.total, 2.0 * want, rtol=1e-4, atol=1e-4)
+    assert from_dict({}).reward.components["grounded_lm"].weight == 0.0  # off by default
+
+
+@pytest.mark.skipif(not FLICKR.is_dir(), reason="the shared Flickr8k sample is not on this machine")
+def test_grounded_lm_on_flickr8k_photos_and_their_human_captions(tiny_captioner_dir):
+    """Two real photos, each with a human caption of its own: each caption's score is its
+    likelihood given its photo minus its likelihood given the other photo."""
+    import json
+
+    from rewards.grounded_lm import GroundedLMReward
+
+    data = json.loads((FLICKR / "dataset_flickr8k.json").read_text())
+    entries = data["images"][:2]
+    images = [Image.open(FLICKR / "images" / e["filename"]).convert("RGB") for e in entries]
+    captions = [e["sentences"][0]["raw"] for e in entries]
+    full = GroundedLMReward(str(tiny_captioner_dir), negatives=1)
+    plain = GroundedLMReward(str(tiny_captioner_dir), alpha=0.0)
+    own = plain(images, captions)
+    crossed = plain(images[::-1], captions)  # each caption given the other photo
+    assert torch.isfinite(own).all() and (own < 0).all()
+    torch.testing.assert_close(full(images, captions), own - crossed, rtol=1e-4, atol=1e-4)

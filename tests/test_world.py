@@ -432,6 +432,27 @@ def test_binding_preference_counts_wins_over_the_images_that_have_a_swap(tiny_it
     assert all(0.0 <= v["prefers_truth"] <= 1.0 for v in itm.values())
 
 
+def test_captioner_binding_scores_each_text_by_its_log_likelihood(tiny_captioner_dir):
+    """The captioner's binding probe scores a text by the captioner's log-likelihood given the
+    image of its row (the grounded_lm reward's own-image term), over the images that have a swap."""
+    import torch
+
+    from rewards.grounded_lm import GroundedLMReward
+    from shapes_world.ceiling import _captioner_score, captioner_binding
+    from shapes_world.world import full_description, sample_scene
+
+    rng = np.random.default_rng(5)
+    scenes = [sample_scene(rng) for _ in range(6)]
+    images = [render(sc) for sc in scenes]
+    texts = [full_description(sc) for sc in scenes]
+    rows = [2, 0, 5]
+    got = _captioner_score(tiny_captioner_dir, images)(rows, [texts[r] for r in rows])
+    want = GroundedLMReward(str(tiny_captioner_dir), alpha=0.0)([images[r] for r in rows], [texts[r] for r in rows])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    out = captioner_binding(tiny_captioner_dir, images, [sc.to_dict() for sc in scenes])
+    assert out and all(0.0 <= v["prefers_truth"] <= 1.0 and v["images"] >= 1 for v in out.values())
+
+
 def test_phrase_preference_scores_whole_weakest_and_mean(tiny_clip_dir):
     """The per-phrase probe's arithmetic with a scorer that knows which phrases are true (every
     change makes one false: it always wins, whole, weakest or mean) and one that cannot tell (a tie

@@ -31,7 +31,8 @@ from pydantic import ConfigDict, with_config
 __all__ = [
     "ConfigError", "RunConfig", "DataConfig", "PolicyConfig", "RolloutConfig", "RewardConfig", "LearnerConfig",
     "EvalConfig", "ClusterConfig", "ClipComponent", "ItmComponent", "RefComponent", "BadComponent",
-    "RepeatComponent", "LengthComponent", "BindingComponent", "PluginComponent", "BUILTIN_COMPONENTS", "default_components",
+    "RepeatComponent", "LengthComponent", "BindingComponent", "GroundedLMComponent", "PluginComponent",
+    "BUILTIN_COMPONENTS", "default_components",
     "VLLMConfig", "rollout_backends", "validate", "run_dir", "Dtype",
 ]
 
@@ -205,6 +206,16 @@ class PhraseItmComponent:
 
 
 @_section
+class GroundedLMComponent:
+    weight: Annotated[float, "weight in the total reward (0: never computed)"] = 0.0
+    path: Annotated[Optional[str], "captioner whose likelihood ratio scores the caption (rewards/grounded_lm.py); "
+                                   "null: the policy's base captioner"] = None
+    negatives: Annotated[int, "other images of the batch each caption is contrasted with"] = 4
+    alpha: Annotated[float, "weight of the negatives' mean log-likelihood (0: the plain log-likelihood)"] = 1.0
+    per_token: Annotated[bool, "log-likelihoods per token instead of summed over the caption"] = False
+
+
+@_section
 class PluginComponent:
     target: Annotated[str, "the factory: 'pkg.module:factory' or 'path/to/file.py:factory'"]
     weight: Annotated[float, "weight in the total reward (0: never computed)"] = 1.0
@@ -214,7 +225,8 @@ class PluginComponent:
 
 BUILTIN_COMPONENTS: dict[str, type] = {"clip": ClipComponent, "itm": ItmComponent, "ref": RefComponent,
                                        "bad": BadComponent, "repeat": RepeatComponent, "length": LengthComponent,
-                                       "binding": BindingComponent, "phrase_itm": PhraseItmComponent}
+                                       "binding": BindingComponent, "phrase_itm": PhraseItmComponent,
+                                       "grounded_lm": GroundedLMComponent}
 
 
 def default_components() -> dict[str, Any]:
