@@ -34,7 +34,19 @@ from torch.nn.utils.rnn import pad_sequence
 
 from vlrm.images import paired, to_pil
 
-__all__ = ["GroundedLMReward", "negative_images"]
+__all__ = ["GroundedLMReward", "caption_tokens", "negative_images"]
+
+
+def caption_tokens(policy: Any, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` ``[N, T]``: each caption's tokens (no special tokens) and the EOS of
+    ``policy`` (a :class:`vlrm.policy.CaptionPolicy`), right-padded: what its ``forward_logprobs``
+    scores teacher-forced."""
+    tok, eos = policy.tokenizer, policy.eos_token_id
+    seqs = [torch.tensor(list(tok(c, add_special_tokens=False)["input_ids"]) + [eos], dtype=torch.long)
+            for c in captions]
+    ids = pad_sequence(seqs, batch_first=True, padding_value=policy.pad_token_id)
+    mask = pad_sequence([torch.ones(len(s), dtype=torch.bool) for s in seqs], batch_first=True)
+    return ids, mask
 
 
 def negative_images(index: Sequence[int], n_images: int, negatives: int) -> torch.Tensor:
@@ -79,13 +91,8 @@ class GroundedLMReward:
         self.name = name
 
     def tokens(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ids, mask)`` ``[N, T]``: each caption's tokens and EOS, right-padded."""
-        tok, eos = self.policy.tokenizer, self.policy.eos_token_id
-        seqs = [torch.tensor(list(tok(c, add_special_tokens=False)["input_ids"]) + [eos], dtype=torch.long)
-                for c in captions]
-        ids = pad_sequence(seqs, batch_first=True, padding_value=self.policy.pad_token_id)
-        mask = pad_sequence([torch.ones(len(s), dtype=torch.bool) for s in seqs], batch_first=True)
-        return ids, mask
+        """``(ids, mask)`` ``[N, T]``: each caption's tokens and EOS, right-padded (:func:`caption_tokens`)."""
+        return caption_tokens(self.policy, captions)
 
     @torch.inference_mode()
     def log_likelihood(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,

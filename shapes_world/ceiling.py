@@ -11,10 +11,10 @@ whatever it says when it samples. The third (with ``--binding-clip`` or ``--bind
 often a CLIP (a BLIP-2 ITM head) scores the true full description above the same description with
 two objects' colours (shapes, sizes, positions) swapped (:func:`binding_preference`): what a
 counterfactual-contrast reward on that model can pay for; ``--binding-captioner`` the same for a
-captioner's log-likelihood of the text, what the ``grounded_lm`` reward pays for. The fourth (with ``--phrase-clip`` or
-``--phrase-itm``) the same, and for one object's attribute made wrong, with the description scored
-whole, by its weakest phrase and by its phrases' mean (:func:`phrase_preference`): what a per-phrase
-check (``rewards.phrase_itm``) can pay for.
+captioner's log-likelihood of the text, what the ``grounded_lm`` reward pays for. The fourth (with
+``--phrase-clip`` or ``--phrase-itm``) the same, and for one object's attribute made wrong, with
+the description scored whole, by its weakest phrase and by its phrases' mean
+(:func:`phrase_preference`): what a per-phrase check (``rewards.phrase_itm``) can pay for.
 
 Each row rewrites every test scene's full description ("a large blue triangle at the center and
 ... on a black background"): an attribute may be dropped (shape -> "object"; no size, colour,
@@ -84,15 +84,13 @@ def prefers_truth(policy, pixel_values, scenes, rng: np.random.Generator) -> dic
     gives the true full description a higher teacher-forced log-probability than the description
     with every word of that kind wrong (0.5: it cannot tell), and the mean gap in nats."""
     import torch
-    from torch.nn.utils.rnn import pad_sequence
+
+    from rewards.grounded_lm import caption_tokens
 
     def logprob(texts: list[str]):
-        tok = policy.tokenizer
-        seqs = [torch.tensor(tok(t, add_special_tokens=False)["input_ids"] + [policy.eos_token_id]) for t in texts]
-        ids = pad_sequence(seqs, batch_first=True, padding_value=policy.pad_token_id)
-        mask = pad_sequence([torch.ones(len(q), dtype=torch.bool) for q in seqs], batch_first=True)
+        ids, mask = caption_tokens(policy, texts)
         with torch.no_grad():
-            out = policy.forward_logprobs(pixel_values, ids, mask, torch.arange(len(seqs)), compute_entropy=False)
+            out = policy.forward_logprobs(pixel_values, ids, mask, torch.arange(len(texts)), compute_entropy=False)
         return (out.logprobs * mask).sum(1)
 
     truth = logprob([describe(sc, rng) for sc in scenes])
