@@ -148,7 +148,10 @@ def _train(cfg: RunConfig, engine_cls: Callable[..., Any], resume: str | Path | 
         last_print = [0.0]
 
         def validate() -> dict:
-            return _numbers("val/", engine.evaluate(cfg.data.val_split, ev.val_subset))
+            res = engine.evaluate(cfg.data.val_split, ev.val_subset)
+            # The captions themselves: a hacked reward shows in them long before in the numbers.
+            examples = (res.get("examples") or [])[:ev.val_examples]
+            return _numbers("val/", res) | ({"val/examples": examples} if examples else {})
 
         def checkpoint(at_step: int, seconds: float) -> None:
             nonlocal saved_at
@@ -178,6 +181,9 @@ def _train(cfg: RunConfig, engine_cls: Callable[..., Any], resume: str | Path | 
                                     extra={"eta": _eta(at - start_step, seconds - start_seconds, cfg.total_steps - at,
                                                        None if cfg.time_budget_s is None else cfg.time_budget_s - seconds)}),
                       flush=True)
+                if m.get("val/examples"):
+                    first = m["val/examples"][0]
+                    print(f"[vlrm] val caption, row {first['row']}: {first['caption']!r}", flush=True)
             if lc.checkpoint_every and at % lc.checkpoint_every == 0:
                 checkpoint(at, seconds)
 

@@ -283,11 +283,11 @@ def _phrase_itm(ctx: RewardContext, path: str, reduce: str = "min", separators: 
 
 
 def _grounded_lm(ctx: RewardContext, path: str | None = None, negatives: int = 4, alpha: float = 1.0,
-                 per_token: bool = False) -> Callable:
+                 per_token: bool = False, max_token_gain: float | None = None) -> Callable:
     from rewards.grounded_lm import GroundedLMReward
 
     return GroundedLMReward(path or ctx.captioner_path, device=ctx.device, negatives=negatives, alpha=alpha,
-                            per_token=per_token, dtype=ctx.dtype)
+                            per_token=per_token, max_token_gain=max_token_gain, dtype=ctx.dtype)
 
 
 BUILTIN_FACTORIES: dict[str, Callable[..., Callable]] = {

@@ -9,8 +9,12 @@ BENCHMARKS.md ("What limits the truth of the tuned captions?", ``shapes_world.ce
 other images (a generative image-text score with the language prior taken out, as
 VisualGPTScore does with ``log P(t|i) - alpha log P(t)``, Lin et al. 2023)::
 
-    grounded_lm(i) = L(c_i | I_i) - alpha * 1/K * sum_k L(c_i | I_{n_k(i)})
-    L(c | I)       = sum_t log p(tok_t | I, tok_<t)          (``per_token``: divided by T)
+    grounded_lm(i) = sum_t g_t(i)                                    (``per_token``: divided by T)
+    g_t(i)         = l_t(c_i | I_i) - alpha * 1/K * sum_k l_t(c_i | I_{n_k(i)})
+                     (``max_token_gain``: min(g_t(i), max_token_gain))
+    l_t(c | I)     = log p(tok_t | I, tok_<t)
+
+Uncapped, that is ``L(c_i | I_i) - alpha * mean_k L(c_i | I_{n_k(i)})`` with ``L = sum_t l_t``.
 
 ``tok`` are the caption's tokens (``tokenizer(c, add_special_tokens=False)``) and the EOS token;
 ``p`` is the base captioner with no adapter. The negatives ``n_k(i)`` are the call's other
@@ -21,7 +25,10 @@ and the score is ``L(c_i | I_i)``.
 
 What it rewards: every word the captioner finds likelier with this image than with the others
 (a true, distinguishing detail) adds to the score, every word it finds unlikelier (a false one)
-subtracts; words that fit any image (``"a"``, ``"at the"``) cancel out. It uses no ground truth
+subtracts; words that fit any image (``"a"``, ``"at the"``) cancel out. Summed uncapped, a word
+the captioner finds likelier with this image pays again each time it is repeated, which a policy
+learns to exploit (BENCHMARKS.md); ``max_token_gain: 0`` keeps only the words likelier with other
+images, a penalty on what the image does not support that repetition cannot earn. It uses no ground truth
 and no parser, so it scores photo captions too. The captioner is the policy's own base model
 (``captioner_path``), or any ``Blip2ForConditionalGeneration`` directory or hub id.
 """
@@ -65,15 +72,17 @@ class GroundedLMReward:
         device: torch device.
         negatives: other images each caption is contrasted with (``K``).
         alpha: weight of the negatives' mean log-likelihood (0: the plain log-likelihood).
-        per_token: divide each log-likelihood by the caption's token count (EOS included).
+        per_token: divide the score by the caption's token count (EOS included).
+        max_token_gain: cap on each token's contrast ``g_t`` before the sum (None: no cap; 0: only
+            the tokens likelier with the other images count, as a penalty).
         batch_size: (image, caption) pairs per LM forward pass.
         dtype: the captioner's dtype.
         name: logging key.
     """
 
     def __init__(self, captioner_path: str, device: str | torch.device = "cpu", negatives: int = 4,
-                 alpha: float = 1.0, per_token: bool = False, batch_size: int = 64, dtype: str = "float32",
-                 name: str = "grounded_lm") -> None:
+                 alpha: float = 1.0, per_token: bool = False, max_token_gain: float | None = None,
+                 batch_size: int = 64, dtype: str = "float32", name: str = "grounded_lm") -> None:
         from vlrm.config import PolicyConfig
         from vlrm.policy import CaptionPolicy
 
@@ -86,6 +95,7 @@ class GroundedLMReward:
                                                 device=device)
         self.policy.requires_grad_(False)
         self.negatives, self.alpha, self.per_token = int(negatives), float(alpha), bool(per_token)
+        self.max_token_gain = None if max_token_gain is None else float(max_token_gain)
         self.batch_size = int(batch_size)
         self.source = str(captioner_path)
         self.name = name
@@ -95,17 +105,20 @@ class GroundedLMReward:
         return caption_tokens(self.policy, captions)
 
     @torch.inference_mode()
+    def token_log_probs(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                        rows: torch.Tensor) -> torch.Tensor:
+        """``FloatTensor[M, T]``: ``l_t(c | I)`` of caption ``ids[m]``'s tokens given the image of
+        ``features[rows[m]]`` (``features``: the captioner's ``[U, Q, H]`` image features), 0 at padding."""
+        out = [self.policy.forward_logprobs(None, ids[sl], mask[sl], rows[sl], compute_entropy=False,
+                                            features=features).logprobs.float().cpu()
+               for sl in (slice(s, s + self.batch_size) for s in range(0, len(rows), self.batch_size))]
+        return torch.cat(out) if out else torch.zeros(0, ids.shape[1])
+
     def log_likelihood(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                        rows: torch.Tensor) -> torch.Tensor:
-        """``FloatTensor[M]``: ``L(c | I)`` of caption ``ids[m]`` given the image of ``features[rows[m]]``
-        (``features``: the captioner's ``[U, Q, H]`` image features)."""
-        out = []
-        for start in range(0, len(rows), self.batch_size):
-            sl = slice(start, start + self.batch_size)
-            lp = self.policy.forward_logprobs(None, ids[sl], mask[sl], rows[sl], compute_entropy=False,
-                                              features=features).logprobs.sum(-1)
-            out.append(lp / mask[sl].sum(-1) if self.per_token else lp)
-        return torch.cat(out).float().cpu() if out else torch.zeros(0)
+        """``FloatTensor[M]``: ``L(c | I)``, summed over the tokens (``per_token``: their mean)."""
+        lp = self.token_log_probs(features, ids, mask, rows).sum(-1)
+        return lp / mask.sum(-1).cpu() if self.per_token else lp
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[Any], captions: Sequence[str],
@@ -116,15 +129,18 @@ class GroundedLMReward:
         features = self.policy.image_features(self.policy.preprocess([to_pil(im) for im in uniq]))
         ids, mask = self.tokens(captions)
         own = torch.as_tensor(list(index), dtype=torch.long)
-        score = self.log_likelihood(features, ids, mask, own)
+        gain = self.token_log_probs(features, ids, mask, own)  # [N, T]
         neg = negative_images(index, len(uniq), self.negatives)
-        if self.alpha == 0 or neg.shape[1] == 0:
-            return score
-        k = neg.shape[1]
-        rep = torch.arange(len(captions)).repeat_interleave(k)
-        other = self.log_likelihood(features, ids[rep], mask[rep], neg.reshape(-1)).reshape(-1, k)
-        return score - self.alpha * other.mean(1)
+        if self.alpha != 0 and neg.shape[1] > 0:
+            k = neg.shape[1]
+            rep = torch.arange(len(captions)).repeat_interleave(k)
+            other = self.token_log_probs(features, ids[rep], mask[rep], neg.reshape(-1))
+            gain = gain - self.alpha * other.reshape(len(captions), k, -1).mean(1)
+        if self.max_token_gain is not None:
+            gain = torch.where(mask, gain.clamp(max=self.max_token_gain), torch.zeros_like(gain))
+        score = gain.sum(-1)
+        return score / mask.sum(-1) if self.per_token else score
 
     def __repr__(self) -> str:
         return (f"GroundedLMReward({self.source!r}, negatives={self.negatives}, alpha={self.alpha:g}, "
-                f"per_token={self.per_token})")
+                f"per_token={self.per_token}, max_token_gain={self.max_token_gain})")

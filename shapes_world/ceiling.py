@@ -11,10 +11,14 @@ whatever it says when it samples. The third (with ``--binding-clip`` or ``--bind
 often a CLIP (a BLIP-2 ITM head) scores the true full description above the same description with
 two objects' colours (shapes, sizes, positions) swapped (:func:`binding_preference`): what a
 counterfactual-contrast reward on that model can pay for; ``--binding-captioner`` the same for a
-captioner's log-likelihood of the text, what the ``grounded_lm`` reward pays for. The fourth (with
-``--phrase-clip`` or ``--phrase-itm``) the same, and for one object's attribute made wrong, with
-the description scored whole, by its weakest phrase and by its phrases' mean
-(:func:`phrase_preference`): what a per-phrase check (``rewards.phrase_itm``) can pay for.
+captioner's log-likelihood of the text. The fourth (with ``--phrase-clip`` or ``--phrase-itm``)
+the same, and for one object's attribute made wrong, with the description scored whole, by its
+weakest phrase and by its phrases' mean (:func:`phrase_preference`): what a per-phrase check
+(``rewards.phrase_itm``) can pay for. The fifth (with ``--grounded-lm``) the same changes scored
+by the ``grounded_lm`` reward itself, the contrast against the batch's other images, uncapped and
+capped per token at 0 (:func:`grounded_lm_preference`); with ``--grounded-lm-captions MODEL`` also
+that reward of a model's own greedy captions by how many false mentions each has
+(:func:`score_by_false_mentions`): whether it sees the errors a policy actually makes.
 
 Each row rewrites every test scene's full description ("a large blue triangle at the center and
 ... on a black background"): an attribute may be dropped (shape -> "object"; no size, colour,
@@ -139,25 +143,34 @@ def binding_preference(score, scenes) -> dict[str, dict[str, float]]:
     return out
 
 
-def phrase_preference(score, scenes, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Per change of the true full description (two objects' words of a group swapped, as
-    :func:`binding_preference`; one object's shape, colour, size or position made wrong,
-    ``world.perturb_scene``), the share of images whose truth a reward model prefers when each text
-    is scored ``whole``, by its weakest phrase (``min``) or by its phrases' ``mean``
-    (``rewards.phrase_itm.split_phrases``), and how many images. A tie counts half: a change that
-    leaves the weakest phrase as it was cannot be told from the truth by it.
-    ``score(image_rows, texts)``: a reward model's score of each (image, text) pair."""
-    import torch
-
-    from rewards.phrase_itm import phrase_scores
+def description_changes(scenes, seed: int = 0) -> tuple[list[str], dict[str, list[tuple[int, str]]]]:
+    """The true full descriptions of ``scenes`` and, per change, ``(index, changed text)``: two
+    objects' words of a group swapped (as :func:`binding_preference`, where there is such a swap)
+    and one object's shape, colour, size or position made wrong (``world.perturb_scene``, every
+    scene)."""
     from shapes_world.world import Scene, full_description, perturb_scene
 
     rng = np.random.default_rng(seed)
     truths = [full_description(Scene.from_dict(sc)) for sc in scenes]
-    changes = {f"swap {g}": pairs for g, pairs in first_swaps(truths).items()}
+    changes = {f"swap {g}": pairs for g, pairs in first_swaps(truths).items() if pairs}
     for kind in ("shape", "color", "size", "position"):
         changes[f"wrong {kind}"] = [(i, full_description(perturb_scene(Scene.from_dict(sc), rng, kind)))
                                     for i, sc in enumerate(scenes)]
+    return truths, changes
+
+
+def phrase_preference(score, scenes, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per change of the true full description (:func:`description_changes`), the share of images
+    whose truth a reward model prefers when each text is scored ``whole``, by its weakest phrase
+    (``min``) or by its phrases' ``mean`` (``rewards.phrase_itm.split_phrases``), and how many
+    images. A tie counts half: a change that leaves the weakest phrase as it was cannot be told
+    from the truth by it. ``score(image_rows, texts)``: a reward model's score of each (image,
+    text) pair."""
+    import torch
+
+    from rewards.phrase_itm import phrase_scores
+
+    truths, changes = description_changes(scenes, seed)
 
     def scored(idx: list[int], texts: list[str]) -> dict[str, torch.Tensor]:
         per = phrase_scores(score, idx, texts)
@@ -166,13 +179,74 @@ def phrase_preference(score, scenes, seed: int = 0) -> dict[str, dict[str, float
 
     out = {}
     for name, pairs in changes.items():
-        if not pairs:
-            continue
         idx = [i for i, _ in pairs]
         truth, changed = scored(idx, [truths[i] for i in idx]), scored(idx, [a for _, a in pairs])
         out[name] = {k: float(((truth[k] > changed[k]).float() + 0.5 * (truth[k] == changed[k]).float()).mean())
                      for k in truth} | {"images": len(idx)}
     return out
+
+
+def grounded_lm_preference(reward, images, scenes, seed: int = 0, batch: int = 16) -> dict[str, dict[str, float]]:
+    """Per change of the true full description (:func:`description_changes`), the share of images
+    whose truth the ``grounded_lm`` reward (a :class:`rewards.grounded_lm.GroundedLMReward`) scores
+    higher (a tie counts half), the mean gap, and how many images. The pairs are scored ``batch``
+    images at a time, as in a rollout batch: each caption's negatives are the next images of its
+    batch, the same for the truth and its change."""
+    import torch
+
+    truths, changes = description_changes(scenes, seed)
+
+    def score(idx: list[int], texts: list[str]) -> torch.Tensor:
+        return torch.cat([reward([images[i] for i in idx[s:s + batch]], texts[s:s + batch])
+                          for s in range(0, len(idx), batch)])
+
+    out = {}
+    for name, pairs in changes.items():
+        idx = [i for i, _ in pairs]
+        truth, changed = score(idx, [truths[i] for i in idx]), score(idx, [a for _, a in pairs])
+        out[name] = {"prefers_truth": float(((truth > changed).float() + 0.5 * (truth == changed).float()).mean()),
+                     "gap": float((truth - changed).mean()), "images": len(idx)}
+    return out
+
+
+FALSE_MENTION_BINS = ((0, 0), (1, 2), (3, 5), (6, None))
+
+
+def score_by_false_mentions(reward, images, scenes, captions, batch: int = 16) -> dict:
+    """Whether a reward sees a policy's own errors: ``reward(images, captions)`` (e.g. the
+    ``grounded_lm`` one) of ``captions[i]`` for ``images[i]``, ``batch`` images a call, by how many
+    of the caption's mentions the parser finds false (``shapes_world.parse``). Returns per bin of
+    false mentions (``FALSE_MENTION_BINS``) the captions and their mean score, the mean score of
+    all, the false mentions per caption and their correlation with the score."""
+    import torch
+
+    from shapes_world.parse import is_true, parse_caption
+    from shapes_world.world import Scene
+
+    score = torch.cat([reward(images[s:s + batch], captions[s:s + batch]) for s in range(0, len(captions), batch)])
+    false = torch.tensor([sum(not is_true(m, Scene.from_dict(sc)) for m in parse_caption(c))
+                          for c, sc in zip(captions, scenes, strict=True)], dtype=torch.float)
+    bins = {}
+    for lo, hi in FALSE_MENTION_BINS:
+        sel = (false >= lo) & (false <= (float("inf") if hi is None else hi))
+        name = str(lo) if lo == hi else f"{lo}+" if hi is None else f"{lo}-{hi}"
+        bins[name] = {"captions": int(sel.sum()), "mean": float(score[sel].mean()) if sel.any() else float("nan")}
+    both_vary = bool(false.std() > 0 and score.std() > 0)
+    corr = float(np.corrcoef(score.numpy(), false.numpy())[0, 1]) if both_vary else float("nan")
+    return {"bins": bins, "mean": float(score.mean()), "false_per_caption": float(false.mean()), "correlation": corr}
+
+
+def greedy_captions(model_dir, images, max_new_tokens: int = 48, batch: int = 32) -> list[str]:
+    """A saved captioner's (or policy's) greedy captions of PIL ``images``."""
+    import torch
+
+    from vlrm.config import PolicyConfig
+    from vlrm.policy import CaptionPolicy
+
+    policy = CaptionPolicy.from_config(PolicyConfig(model_path=str(model_dir), lora_r=0))
+    with torch.inference_mode():
+        return [c for s in range(0, len(images), batch)
+                for c in policy.caption(policy.preprocess(images[s:s + batch]), max_new_tokens=max_new_tokens)]
 
 
 def _clip_score(clip_dir, images):
@@ -244,8 +318,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--phrase-clip", action="append", default=[], help="also how often this CLIP prefers the true "
                    "description scored whole, by its weakest phrase and by its phrases' mean (repeatable)")
     p.add_argument("--phrase-itm", action="append", default=[], help="the same for this BLIP-2 ITM model (repeatable)")
+    p.add_argument("--grounded-lm", action="append", default=[], metavar="CAPTIONER",
+                   help="also how often the grounded_lm reward on this captioner prefers the true description "
+                        "(uncapped and capped per token at 0, 16 images a batch; repeatable)")
+    p.add_argument("--grounded-lm-negatives", type=int, default=4, help="the grounded_lm reward's negatives")
+    p.add_argument("--grounded-lm-captions", action="append", default=[], metavar="MODEL",
+                   help="also the grounded_lm reward of this model's greedy captions (the first --probe-images), "
+                        "by how many false mentions each has (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.grounded_lm_captions and not a.grounded_lm:
+        p.error("--grounded-lm-captions needs --grounded-lm CAPTIONER: the captioner of the reward that scores them")
     ds = open_split(split_path(a.data, a.split))
     scenes = ds.column("scene")
     scenes = [json.loads(sc) for sc in scenes] if scenes is not None else None
@@ -281,6 +364,34 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'change':16s} {'whole':>7s} {'weakest':>8s} {'mean':>7s} {'images':>7s}")
         for change, v in phrase_preference(make_score(model_dir, images), scenes, seed=a.seed).items():
             print(f"{change:16s} {v['whole']:7.3f} {v['min']:8.3f} {v['mean']:7.3f} {v['images']:7d}")
+    for model_dir in a.grounded_lm:
+        from rewards.grounded_lm import GroundedLMReward
+
+        print(f"\n{model_dir}: the grounded_lm reward ({a.grounded_lm_negatives} negatives) prefers the true "
+              "description (ties count half), uncapped / capped per token at 0; mean gap")
+        print(f"{'change':16s} {'uncapped':>9s} {'gap':>7s} {'capped':>7s} {'gap':>7s} {'images':>7s}")
+        uncapped, capped = (GroundedLMReward(model_dir, negatives=a.grounded_lm_negatives, max_token_gain=cap)
+                            for cap in (None, 0.0))
+        both = [grounded_lm_preference(r, images, scenes, seed=a.seed) for r in (uncapped, capped)]
+        for change, u in both[0].items():
+            c = both[1][change]
+            print(f"{change:16s} {u['prefers_truth']:9.3f} {u['gap']:7.2f} {c['prefers_truth']:7.3f} {c['gap']:7.2f} "
+                  f"{u['images']:7d}")
+        n = min(a.probe_images, len(scenes))
+        truths = description_changes(scenes[:n])[0]
+        for captioner in a.grounded_lm_captions:
+            captions = greedy_captions(captioner, images[:n])
+            print(f"\n{model_dir}: the grounded_lm reward of {captioner}'s greedy captions of {n} images, by their "
+                  "false mentions, uncapped / capped per token at 0")
+            rows = [score_by_false_mentions(r, images[:n], scenes[:n], texts)
+                    for r in (uncapped, capped) for texts in (captions, truths)]
+            print(f"{'false mentions':16s} {'captions':>9s} {'uncapped':>9s} {'capped':>7s}")
+            for name, v in rows[0]["bins"].items():
+                print(f"{name:16s} {v['captions']:9d} {v['mean']:9.2f} {rows[2]['bins'][name]['mean']:7.2f}")
+            print(f"{'all':16s} {n:9d} {rows[0]['mean']:9.2f} {rows[2]['mean']:7.2f}")
+            print(f"{'true descriptions':16s} {n:9d} {rows[1]['mean']:9.2f} {rows[3]['mean']:7.2f}")
+            print(f"false mentions per caption {rows[0]['false_per_caption']:.2f}; correlation with the score "
+                  f"{rows[0]['correlation']:.3f} / {rows[2]['correlation']:.3f}")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,11 @@ def test_run_local_writes_everything(paths, tmp_path):
     steps = [r["step"] for r in recs]
     assert steps == [0, 1, 2, 3]
     assert "val/clip_recall@1" in recs[0] and "val/clip_recall@1" in recs[2]
+    # the first validation images' captions, kept at each validation (eval.val_examples: 4)
+    for r in (recs[0], recs[2]):
+        assert [e["row"] for e in r["val/examples"]] == [0, 1, 2, 3]
+        assert all(isinstance(e["caption"], str) and e["description"] for e in r["val/examples"])
+    assert "val/examples" not in recs[1]
     for r in recs[1:]:
         assert {"reward", "r/clip", "r/bad", "r/repeat", "samples_per_s", "learner/loss", "learner/grad_norm",
                 "caption_words"} <= set(r)
@@ -427,3 +432,17 @@ def test_metrics_logger_truncates_on_resume(tmp_path):
         log.log(4, {"reward": 40.0})
     recs = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and recs[-1]["reward"] == 40.0 and recs[0]["nan"] is None
+
+
+def test_metrics_logger_writes_records_lists_as_tensorboard_text(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    examples = [{"row": 0, "caption": "a red circle"}, {"row": 1, "caption": "a blue square"}]
+    with MetricsLogger(tmp_path) as log:
+        log.log(5, {"reward": 1.5, "val/examples": examples})
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0}).Reload()
+    assert [e.value for e in acc.Scalars("reward")] == [1.5]
+    (event,) = acc.Tensors("val/examples/text_summary")
+    assert event.step == 5
+    assert event.tensor_proto.string_val[0].decode() == "row: 0 | caption: a red circle\n\nrow: 1 | caption: a blue square"
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["val/examples"] == examples

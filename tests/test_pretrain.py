@@ -59,6 +59,17 @@ def test_pretrain_cli_rejects_a_bad_step_override(tmp_path, capsys, steps, messa
     assert not (tmp_path / "none").exists()  # nothing generated before the arguments are checked
 
 
+@pytest.mark.parametrize("only, message", [("reward_clip,eval_clip", "has no captioner to read"),
+                                           ("captioner", "has no eval_clip, reward_itm to read"),
+                                           ("vision,reward_itm", "has no captioner, eval_clip to read")])
+def test_pretrain_cli_names_the_models_it_would_read_and_cannot(tmp_path, capsys, only, message):
+    """A partial rebuild into a folder without the models it reads stops before any training."""
+    with pytest.raises(SystemExit) as ei:
+        pretrain_main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--only", only])
+    assert ei.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_clip_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     cfg = CLIP_CONFIGS["reward"]

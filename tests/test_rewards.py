@@ -460,15 +460,19 @@ def test_negative_images_are_the_next_distinct_images_cyclically():
 
 
 @torch.no_grad()
-def _caption_log_likelihood(model, tokenizer, pixels, caption: str) -> torch.Tensor:
-    """Sum of log p(token | image, earlier tokens) over the caption's tokens and EOS, from a plain
+def _caption_token_log_probs(model, tokenizer, pixels, caption: str) -> torch.Tensor:
+    """``[T]``: log p(token | image, earlier tokens) of the caption's tokens and EOS, from a plain
     ``Blip2ForConditionalGeneration`` forward (image placeholders, BOS, the tokens)."""
     cfg = model.config
     toks = tokenizer(caption, add_special_tokens=False)["input_ids"] + [cfg.text_config.eos_token_id]
     q = cfg.num_query_tokens
     ids = torch.tensor([[cfg.image_token_id] * q + [cfg.text_config.bos_token_id] + toks[:-1]])
     logits = model(pixel_values=pixels[None], input_ids=ids).logits[0, q:].float()
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(toks)[:, None]).sum()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(toks)[:, None])[:, 0]
+
+
+def _caption_log_likelihood(model, tokenizer, pixels, caption: str) -> torch.Tensor:
+    return _caption_token_log_probs(model, tokenizer, pixels, caption).sum()
 
 
 def test_grounded_lm_is_own_likelihood_minus_alpha_times_the_negatives_mean(tiny_captioner_dir):
@@ -496,6 +500,15 @@ def test_grounded_lm_is_own_likelihood_minus_alpha_times_the_negatives_mean(tiny
     n_tok = torch.tensor([len(processor.tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 for c in caps])
     want_one = torch.stack([L[i, index[i]] - L[i, (index[i] + 1) % 3] for i in range(4)]) / n_tok
     torch.testing.assert_close(one(imgs, caps, image_index=index), want_one, rtol=1e-4, atol=1e-4)
+    # Capped per token at 0: only the tokens likelier with the negatives count, each once.
+    lt = [[_caption_token_log_probs(model, processor.tokenizer, pixels[j], c) for j in range(3)] for c in caps]
+    gains = [lt[i][index[i]] - torch.stack([lt[i][j] for j in negs[index[i]]]).mean(0) for i in range(4)]
+    want_cap = torch.stack([g.clamp(max=0.0).sum() for g in gains])
+    assert any((g > 0).any() for g in gains)  # the cap binds somewhere
+    capped = GroundedLMReward(str(tiny_captioner_dir), negatives=2, max_token_gain=0.0, batch_size=3)
+    torch.testing.assert_close(capped(imgs, caps, image_index=index), want_cap, rtol=1e-4, atol=1e-4)
+    uncapped = torch.stack([g.sum() for g in gains])
+    assert (want_cap < uncapped - 1e-4).any()
     alone = reward([imgs[0]], caps[:2], image_index=[0, 0])  # one image: the plain log-likelihood
     torch.testing.assert_close(alone, L[:2, 0], rtol=1e-4, atol=1e-4)
     assert reward([], []).shape == (0,)
@@ -506,6 +519,10 @@ def test_grounded_lm_is_own_likelihood_minus_alpha_times_the_negatives_mean(tiny
     out = build_reward(cfg.reward, captioner_path=str(tiny_captioner_dir))(imgs, caps, image_index=index)
     torch.testing.assert_close(out.components["grounded_lm"], want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.total, 2.0 * want, rtol=1e-4, atol=1e-4)
+    cfg.reward.components["grounded_lm"].max_token_gain = 0.0
+    cfg.reward.components["grounded_lm"].alpha = 1.0
+    out = build_reward(cfg.reward, captioner_path=str(tiny_captioner_dir))(imgs, caps, image_index=index)
+    torch.testing.assert_close(out.components["grounded_lm"], want_cap, rtol=1e-4, atol=1e-4)
     assert from_dict({}).reward.components["grounded_lm"].weight == 0.0  # off by default
 
 

@@ -225,18 +225,19 @@ def test_phrase_itm_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local):
 
 
 def test_grounded_lm_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local):
-    """The base captioner's likelihood ratio, switched on in the config, runs inside a Ray reward
-    actor on the policy's own captioner: logged as r/grounded_lm, equal to the component called
-    by hand on the same images, weighted into the total."""
+    """The base captioner's likelihood ratio, switched on in the config (capped per token at 0),
+    runs inside a Ray reward actor on the policy's own captioner: logged as r/grounded_lm, equal to
+    the component called by hand on the same images, weighted into the total."""
     from rewards.grounded_lm import GroundedLMReward
 
     _, captioner, _, _ = paths
     cfg = _cfg(paths, tmp_path, "grounded", 1, reward__components={
         "clip": {"weight": 0.0}, "itm": {"weight": 0.0}, "bad": {"weight": 0.0}, "repeat": {"weight": 0.0},
-        "grounded_lm": {"weight": 0.5, "negatives": 2}})
+        "grounded_lm": {"weight": 0.5, "negatives": 2, "max_token_gain": 0.0}})
     captions = ["a large red circle at the top", "a red circle", "a small green cross and a blue square"]
     scored, images = _score_in_reward_actor(cfg, ray_local, captions, image_rows=[0, 1, 2], sample_index=[0, 0, 0])
-    want = GroundedLMReward(str(captioner), negatives=2)(images, captions)
+    want = GroundedLMReward(str(captioner), negatives=2, max_token_gain=0.0)(images, captions)
+    assert (want <= 0).all()
     got = torch.tensor(scored.column("r/grounded_lm").to_pylist())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.tensor(scored.column("reward").to_pylist()), 0.5 * want, rtol=1e-4, atol=1e-4)

@@ -483,6 +483,85 @@ def test_phrase_preference_scores_whole_weakest_and_mean(tiny_clip_dir):
     assert all(0.0 <= v[k] <= 1.0 for v in clip.values() for k in ("whole", "min", "mean"))
 
 
+def test_grounded_lm_preference_scores_truth_and_change_in_the_same_batches(tiny_captioner_dir):
+    """The grounded_lm probe's arithmetic with a reward that knows the truth (every change loses by
+    1) and one that cannot tell (a tie counts half), each call given at most ``batch`` images in
+    the same order for the truths and their changes; then the reward itself on a tiny captioner."""
+    import torch
+
+    from rewards.grounded_lm import GroundedLMReward
+    from shapes_world.ceiling import grounded_lm_preference
+    from shapes_world.world import full_description, sample_scene
+
+    rng = np.random.default_rng(6)
+    scenes = [sample_scene(rng) for _ in range(10)]
+    dicts = [sc.to_dict() for sc in scenes]
+    images = [render(sc) for sc in scenes]
+    truths = {full_description(sc) for sc in scenes}
+    calls = []
+
+    def knows(ims, texts):
+        calls.append([images.index(im) for im in ims])
+        return torch.tensor([float(t in truths) for t in texts])
+
+    got = grounded_lm_preference(knows, images, dicts, batch=4)
+    assert all(v["prefers_truth"] == 1.0 and v["gap"] == 1.0 for v in got.values())
+    assert all(v["images"] == 10 for k, v in got.items() if k.startswith("wrong"))
+    assert max(len(c) for c in calls) == 4
+    for v in got.values():  # per change: the truths' calls, then the same images for the changed texts
+        n = -(-v["images"] // 4)
+        assert calls[:n] == calls[n:2 * n]
+        calls = calls[2 * n:]
+    assert calls == []
+    blind = grounded_lm_preference(lambda ims, texts: torch.zeros(len(texts)), images, dicts)
+    assert all(v["prefers_truth"] == 0.5 and v["gap"] == 0.0 for v in blind.values())
+    real = grounded_lm_preference(GroundedLMReward(str(tiny_captioner_dir), negatives=2, max_token_gain=0.0),
+                                  images, dicts, batch=4)
+    assert real.keys() == got.keys() and all(0.0 <= v["prefers_truth"] <= 1.0 for v in real.values())
+
+
+def test_score_by_false_mentions_bins_captions_by_what_the_parser_finds_false(tiny_captioner_dir):
+    """True descriptions (no false mention) and descriptions with one or three facts made wrong,
+    scored by a reward that pays minus the number of wrong facts: each bin's mean is minus its
+    count and the correlation is -1; then the greedy captions of a tiny captioner run through it."""
+    import torch
+
+    from shapes_world.ceiling import FALSE_MENTION_BINS, greedy_captions, score_by_false_mentions
+    from shapes_world.parse import is_true, parse_caption
+    from shapes_world.world import Scene, full_description, perturb_scene, sample_scene
+
+    rng = np.random.default_rng(7)
+    scenes = [sample_scene(rng) for _ in range(9)]
+    texts, kept = [], []
+    for i, sc in enumerate(scenes):
+        wrong = sc
+        for _ in range((0, 1, 3)[i % 3]):
+            wrong = perturb_scene(wrong, rng, "color")
+        texts.append(full_description(wrong))
+        kept.append(sc.to_dict())
+    false = [sum(not is_true(m, Scene.from_dict(d)) for m in parse_caption(t)) for t, d in zip(texts, kept)]
+    images = [render(sc) for sc in scenes]
+    calls = []
+
+    def minus_false(ims, caps):
+        calls.append(len(ims))
+        return -torch.tensor([float(false[texts.index(c)]) for c in caps])
+
+    got = score_by_false_mentions(minus_false, images, kept, texts, batch=4)
+    assert calls == [4, 4, 1]
+    assert sum(v["captions"] for v in got["bins"].values()) == 9 and got["bins"]["0"]["captions"] == false.count(0)
+    assert false.count(0) >= 3 and max(false) >= 1
+    for v, (lo, hi) in zip(got["bins"].values(), FALSE_MENTION_BINS, strict=True):
+        want = [f for f in false if lo <= f <= (hi if hi is not None else 99)]
+        assert v["captions"] == len(want)
+        if want:
+            assert v["mean"] == pytest.approx(-sum(want) / len(want))
+    assert got["correlation"] == pytest.approx(-1.0) and got["false_per_caption"] == pytest.approx(sum(false) / 9)
+    captions = greedy_captions(tiny_captioner_dir, images, max_new_tokens=6)
+    assert len(captions) == 9 and all(isinstance(c, str) for c in captions)
+    assert score_by_false_mentions(lambda ims, caps: torch.zeros(len(caps)), images, kept, captions)["mean"] == 0.0
+
+
 def test_probe_features_are_what_the_model_computes(tiny_captioner_dir, tiny_itm_dir):
     import torch
     import transformers
@@ -531,3 +610,11 @@ def test_probe_cli_reports_each_feature_kind(tiny_captioner_dir, tiny_world, cap
     with pytest.raises(SystemExit):
         main(["--model", str(tiny_captioner_dir), "--data", str(tiny_world), "--features", "tokens,qfromer"])
     assert "choose from" in capsys.readouterr().err
+
+
+def test_ceiling_asks_for_the_reward_captioner_before_scoring_a_models_captions(tmp_path, capsys):
+    from shapes_world.ceiling import main
+
+    with pytest.raises(SystemExit) as ei:
+        main(["--data", str(tmp_path / "none"), "--grounded-lm-captions", str(tmp_path / "policy")])
+    assert ei.value.code == 2 and "--grounded-lm-captions needs --grounded-lm" in capsys.readouterr().err

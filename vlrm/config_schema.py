@@ -212,7 +212,9 @@ class GroundedLMComponent:
                                    "null: the policy's base captioner"] = None
     negatives: Annotated[int, "other images of the batch each caption is contrasted with"] = 4
     alpha: Annotated[float, "weight of the negatives' mean log-likelihood (0: the plain log-likelihood)"] = 1.0
-    per_token: Annotated[bool, "log-likelihoods per token instead of summed over the caption"] = False
+    per_token: Annotated[bool, "the score per token instead of summed over the caption"] = False
+    max_token_gain: Annotated[Optional[float], "cap on each token's contrast before the sum (null: none; 0: only "
+                                               "tokens likelier with the other images count, a penalty)"] = None
 
 
 @_section
@@ -307,6 +309,8 @@ class EvalConfig:
     gallery_size: Annotated[Optional[int], "images in the retrieval gallery; null: the whole split"] = None
     val_every: Annotated[int, "run validation every this many steps; 0 disables"] = 25
     val_subset: Annotated[int, "images of the validation split used for periodic validation"] = 200
+    val_examples: Annotated[int, "captions of the first validation images kept at each validation (metrics.jsonl "
+                                 "'val/examples', TensorBoard text, the first on the console); 0: none"] = 4
     decoding: Annotated[Literal["greedy", "beam"], "caption decoding for evaluation"] = "greedy"
     num_beams: Annotated[int, "beams when decoding is 'beam'"] = 5
     no_repeat_ngram_size: Annotated[int, "forbid repeating n-grams of this size in evaluation decoding; 0 "
@@ -448,6 +452,7 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"'rloo' needs rollout.samples_per_image >= 2, got {r.samples_per_image}")
     need(e.gallery_size is None or e.gallery_size >= 1, "eval.gallery_size", f"must be >= 1 or null, got {e.gallery_size}")
     at_least("eval.val_every", e.val_every, 0, " (0 disables)")
+    at_least("eval.val_examples", e.val_examples, 0, " (0: none)")
     for key in ("val_subset", "num_beams", "max_new_tokens"):
         at_least(f"eval.{key}", getattr(e, key), 1)
     at_least("eval.no_repeat_ngram_size", e.no_repeat_ngram_size, 0)

@@ -190,7 +190,8 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 class MetricsLogger:
     """Appends one JSON object per :meth:`log` call to ``metrics.jsonl`` and writes every
-    numeric value to TensorBoard (``run_dir`` holds the event files; ``tensorboard --logdir runs``).
+    numeric value to TensorBoard, and a list of records (``val/examples``) as text (``run_dir``
+    holds the event files; ``tensorboard --logdir runs``).
 
     Args:
         run_dir: the run folder.
@@ -227,6 +228,9 @@ class MetricsLogger:
         self._file.flush()
         if self._tb is not None:
             for k, v in rec.items():
+                if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # e.g. val/examples
+                    self._tb.add_text(k, "\n\n".join(" | ".join(f"{a}: {b}" for a, b in x.items()) for x in v),
+                                      int(step))
                 if k in ("step", "time") or isinstance(v, bool) or not isinstance(v, (int, float)):
                     continue
                 self._tb.add_scalar(k, v, int(step))

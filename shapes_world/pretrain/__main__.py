@@ -99,6 +99,17 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--steps: unknown name(s) {sorted(set(overrides) - set(STEPS))}; choose from {','.join(STEPS)}")
     steps = {k: max(2, int(v * a.scale)) for k, v in (STEPS | overrides).items()}
     out = Path(a.out)
+    only = set(filter(None, a.only.split(",")))  # "" re-evaluates the captioner only
+    if not only <= set(MODELS):
+        p.error(f"--only: unknown model(s) {sorted(only - set(MODELS))}; choose from {MODELS}")
+    # Checked before any training: the models not rebuilt are read from --out (the ITM for its
+    # tower and Q-Former), and the captioner and the evaluator CLIP are evaluated at the end.
+    reads_itm = bool(only & {"reward_itm", "captioner"}) and not only >= {"vision", "reward_itm"}
+    missing = sorted(n for n in {"captioner", "eval_clip"} | ({"reward_itm"} if reads_itm else set())
+                     if n not in only and not (out / n).is_dir())
+    if missing:
+        p.error(f"--only {a.only!r}: {out} has no {', '.join(missing)} to read; add them to --only or point --out "
+                f"at a folder that holds them")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     # An existing world of the current format is used as it is (whatever its sizes); otherwise
@@ -109,9 +120,6 @@ def main(argv: list[str] | None = None) -> None:
     train = load_split(root / "train.parquet", limit=a.train_limit)
     test = load_split(root / "test.parquet")
     tokenizer = build_tokenizer()
-    only = set(filter(None, a.only.split(",")))  # "" re-evaluates the captioner only
-    if not only <= set(MODELS):
-        p.error(f"--only: unknown model(s) {sorted(only - set(MODELS))}; choose from {MODELS}")
     old = out / "metrics.json"
     metrics: dict = json.loads(old.read_text()) if old.exists() and only != set(MODELS) else {}
     metrics |= {"steps": steps, "seeds": SEEDS, "world_seed": a.seed, "num_train": len(train.images)}
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # The saved ITM model holds the stage-0 tower and the stage-1 Q-Former: read once, if needed.
     saved_itm = (Blip2ForImageTextRetrieval.from_pretrained(str(out / "reward_itm"))
-                 if only & {"reward_itm", "captioner"} and not only >= {"vision", "reward_itm"} else None)
+                 if reads_itm else None)
     if "vision" in only:
         t0 = time.time()
         build, aux = objective(a.vision_cell_loss, a.vision_cell_readout, train.scenes, build_stage0)
