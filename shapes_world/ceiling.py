@@ -159,6 +159,18 @@ def description_changes(scenes, seed: int = 0) -> tuple[list[str], dict[str, lis
     return truths, changes
 
 
+def _share_preferring_truth(truth, changed) -> float:
+    """The share of pairs where ``truth`` scores above ``changed``, a tie counting half."""
+    return float(((truth > changed).float() + 0.5 * (truth == changed).float()).mean())
+
+
+def _in_batches(reward, images, texts, batch: int):
+    """``reward(images, texts)`` called ``batch`` pairs at a time, as in a rollout batch."""
+    import torch
+
+    return torch.cat([reward(images[s:s + batch], texts[s:s + batch]) for s in range(0, len(texts), batch)])
+
+
 def phrase_preference(score, scenes, seed: int = 0) -> dict[str, dict[str, float]]:
     """Per change of the true full description (:func:`description_changes`), the share of images
     whose truth a reward model prefers when each text is scored ``whole``, by its weakest phrase
@@ -181,8 +193,7 @@ def phrase_preference(score, scenes, seed: int = 0) -> dict[str, dict[str, float
     for name, pairs in changes.items():
         idx = [i for i, _ in pairs]
         truth, changed = scored(idx, [truths[i] for i in idx]), scored(idx, [a for _, a in pairs])
-        out[name] = {k: float(((truth[k] > changed[k]).float() + 0.5 * (truth[k] == changed[k]).float()).mean())
-                     for k in truth} | {"images": len(idx)}
+        out[name] = {k: _share_preferring_truth(truth[k], changed[k]) for k in truth} | {"images": len(idx)}
     return out
 
 
@@ -192,20 +203,14 @@ def grounded_lm_preference(reward, images, scenes, seed: int = 0, batch: int = 1
     higher (a tie counts half), the mean gap, and how many images. The pairs are scored ``batch``
     images at a time, as in a rollout batch: each caption's negatives are the next images of its
     batch, the same for the truth and its change."""
-    import torch
-
     truths, changes = description_changes(scenes, seed)
-
-    def score(idx: list[int], texts: list[str]) -> torch.Tensor:
-        return torch.cat([reward([images[i] for i in idx[s:s + batch]], texts[s:s + batch])
-                          for s in range(0, len(idx), batch)])
-
     out = {}
     for name, pairs in changes.items():
-        idx = [i for i, _ in pairs]
-        truth, changed = score(idx, [truths[i] for i in idx]), score(idx, [a for _, a in pairs])
-        out[name] = {"prefers_truth": float(((truth > changed).float() + 0.5 * (truth == changed).float()).mean()),
-                     "gap": float((truth - changed).mean()), "images": len(idx)}
+        shown = [images[i] for i, _ in pairs]
+        truth = _in_batches(reward, shown, [truths[i] for i, _ in pairs], batch)
+        changed = _in_batches(reward, shown, [a for _, a in pairs], batch)
+        out[name] = {"prefers_truth": _share_preferring_truth(truth, changed),
+                     "gap": float((truth - changed).mean()), "images": len(pairs)}
     return out
 
 
@@ -223,7 +228,7 @@ def score_by_false_mentions(reward, images, scenes, captions, batch: int = 16) -
     from shapes_world.parse import is_true, parse_caption
     from shapes_world.world import Scene
 
-    score = torch.cat([reward(images[s:s + batch], captions[s:s + batch]) for s in range(0, len(captions), batch)])
+    score = _in_batches(reward, images, captions, batch)
     false = torch.tensor([sum(not is_true(m, Scene.from_dict(sc)) for m in parse_caption(c))
                           for c, sc in zip(captions, scenes, strict=True)], dtype=torch.float)
     bins = {}
@@ -377,21 +382,24 @@ def main(argv: list[str] | None = None) -> None:
             c = both[1][change]
             print(f"{change:16s} {u['prefers_truth']:9.3f} {u['gap']:7.2f} {c['prefers_truth']:7.3f} {c['gap']:7.2f} "
                   f"{u['images']:7d}")
+        if not a.grounded_lm_captions:
+            continue
         n = min(a.probe_images, len(scenes))
         truths = description_changes(scenes[:n])[0]
+        # The true descriptions' scores do not depend on the model captioned: once per reward.
+        on_truth = [score_by_false_mentions(r, images[:n], scenes[:n], truths)["mean"] for r in (uncapped, capped)]
         for captioner in a.grounded_lm_captions:
             captions = greedy_captions(captioner, images[:n])
             print(f"\n{model_dir}: the grounded_lm reward of {captioner}'s greedy captions of {n} images, by their "
                   "false mentions, uncapped / capped per token at 0")
-            rows = [score_by_false_mentions(r, images[:n], scenes[:n], texts)
-                    for r in (uncapped, capped) for texts in (captions, truths)]
+            u, c = (score_by_false_mentions(r, images[:n], scenes[:n], captions) for r in (uncapped, capped))
             print(f"{'false mentions':16s} {'captions':>9s} {'uncapped':>9s} {'capped':>7s}")
-            for name, v in rows[0]["bins"].items():
-                print(f"{name:16s} {v['captions']:9d} {v['mean']:9.2f} {rows[2]['bins'][name]['mean']:7.2f}")
-            print(f"{'all':16s} {n:9d} {rows[0]['mean']:9.2f} {rows[2]['mean']:7.2f}")
-            print(f"{'true descriptions':16s} {n:9d} {rows[1]['mean']:9.2f} {rows[3]['mean']:7.2f}")
-            print(f"false mentions per caption {rows[0]['false_per_caption']:.2f}; correlation with the score "
-                  f"{rows[0]['correlation']:.3f} / {rows[2]['correlation']:.3f}")
+            for name, v in u["bins"].items():
+                print(f"{name:16s} {v['captions']:9d} {v['mean']:9.2f} {c['bins'][name]['mean']:7.2f}")
+            print(f"{'all':16s} {n:9d} {u['mean']:9.2f} {c['mean']:7.2f}")
+            print(f"{'true descriptions':16s} {n:9d} {on_truth[0]:9.2f} {on_truth[1]:7.2f}")
+            print(f"false mentions per caption {u['false_per_caption']:.2f}; correlation with the score "
+                  f"{u['correlation']:.3f} / {c['correlation']:.3f}")
 
 
 if __name__ == "__main__":
