@@ -13,6 +13,7 @@ _EXPORTS = {
     "BindingReward": "rewards.binding",
     "ItmReward": "rewards.itm_reward",
     "GroundedLMReward": "rewards.grounded_lm",
+    "ClaimsReward": "rewards.claims",
     "ReferenceLMReward": "rewards.ref_lm",
     "CombinedReward": "rewards.combine",
     "RewardError": "rewards.combine",

@@ -19,7 +19,8 @@ components: ``clip`` (:class:`rewards.clip_reward.ClipReward`), ``itm``
 (:class:`rewards.itm_reward.ItmReward`), ``ref`` (:class:`rewards.ref_lm.ReferenceLMReward`),
 ``bad``, ``repeat``, ``length`` (:mod:`rewards.penalties`), ``binding``
 (:class:`rewards.binding.BindingReward`), ``phrase_itm`` (:class:`rewards.phrase_itm.PhraseItmReward`),
-``grounded_lm`` (:class:`rewards.grounded_lm.GroundedLMReward`).
+``grounded_lm`` (:class:`rewards.grounded_lm.GroundedLMReward`), ``claims``
+(:class:`rewards.claims.ClaimsReward`).
 A user's component is a factory named by import path, called with its options as keyword
 arguments (plus ``device``, ``captioner_path`` and ``dtype`` where its signature names them)::
 
@@ -290,9 +291,15 @@ def _grounded_lm(ctx: RewardContext, path: str | None = None, negatives: int = 4
                             per_token=per_token, max_token_gain=max_token_gain, dtype=ctx.dtype)
 
 
+def _claims(ctx: RewardContext, path: str, false_cost: float = 1.0) -> Callable:
+    from rewards.claims import ClaimsReward
+
+    return ClaimsReward(path, device=ctx.device, false_cost=false_cost, dtype=ctx.dtype)
+
+
 BUILTIN_FACTORIES: dict[str, Callable[..., Callable]] = {
     "clip": _clip, "itm": _itm, "ref": _ref, "bad": _bad, "repeat": _repeat, "length": _length,
-    "binding": _binding, "phrase_itm": _phrase_itm, "grounded_lm": _grounded_lm}
+    "binding": _binding, "phrase_itm": _phrase_itm, "grounded_lm": _grounded_lm, "claims": _claims}
 
 
 def _call_factory(factory: Callable, ctx: RewardContext, options: Mapping[str, Any], name: str) -> Callable:

@@ -168,14 +168,24 @@ class ItmReward:
                      index: Sequence[int]) -> torch.Tensor:
         """``FloatTensor[N]`` (CPU): the positive ITM logit of ``captions[i]`` with the image whose
         :meth:`image_embeds` row is ``index[i]``, in Q-Former passes of ``batch_size`` pairs."""
+        return self.pair_logits(image_embeds, captions, index)[:, 1]
+
+    def match_probabilities(self, image_embeds: torch.Tensor, captions: Sequence[str],
+                            index: Sequence[int]) -> torch.Tensor:
+        """``FloatTensor[N]`` (CPU): as :meth:`match_logits`, the ITM head's match probability
+        (the softmax of its two logits)."""
+        return self.pair_logits(image_embeds, captions, index).softmax(-1)[:, 1]
+
+    def pair_logits(self, image_embeds: torch.Tensor, captions: Sequence[str], index: Sequence[int]) -> torch.Tensor:
+        """``FloatTensor[N, 2]`` (CPU): both ITM logits (no match, match) of each pair."""
         captions = list(captions)
         idx = torch.tensor(list(index), device=image_embeds.device)
         out = []
         for s in range(0, len(captions), self.batch_size):
             sl = slice(s, s + self.batch_size)
             ids, mask = self.tokenize(captions[sl])
-            out.append(self.itm_logits(image_embeds[idx[sl]], ids, mask)[:, 1].float())
-        return torch.cat(out).cpu()
+            out.append(self.itm_logits(image_embeds[idx[sl]], ids, mask).float())
+        return torch.cat(out).cpu() if out else torch.zeros(0, 2)
 
     @torch.inference_mode()
     def itc_similarity(self, images: Sequence[Any], captions: Sequence[str]) -> torch.Tensor:

@@ -199,8 +199,8 @@ def phrase_preference(score, scenes, seed: int = 0) -> dict[str, dict[str, float
 
 def grounded_lm_preference(reward, images, scenes, seed: int = 0, batch: int = 16) -> dict[str, dict[str, float]]:
     """Per change of the true full description (:func:`description_changes`), the share of images
-    whose truth the ``grounded_lm`` reward (a :class:`rewards.grounded_lm.GroundedLMReward`) scores
-    higher (a tie counts half), the mean gap, and how many images. The pairs are scored ``batch``
+    whose truth a reward (the ``grounded_lm`` one, a :class:`rewards.grounded_lm.GroundedLMReward`,
+    or any ``reward(images, captions)``) scores higher (a tie counts half), the mean gap, and how many images. The pairs are scored ``batch``
     images at a time, as in a rollout batch: each caption's negatives are the next images of its
     batch, the same for the truth and its change."""
     truths, changes = description_changes(scenes, seed)
@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grounded-lm-captions", action="append", default=[], metavar="MODEL",
                    help="also the grounded_lm reward of this model's greedy captions (the first --probe-images), "
                         "by how many false mentions each has (repeatable)")
+    p.add_argument("--claims", action="append", default=[], metavar="VERIFIER",
+                   help="also how often the claims reward with this verifier (a cell reader or an ITM model) prefers "
+                        "the true description to a changed one (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.grounded_lm_captions and not a.grounded_lm:
@@ -369,6 +372,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'change':16s} {'whole':>7s} {'weakest':>8s} {'mean':>7s} {'images':>7s}")
         for change, v in phrase_preference(make_score(model_dir, images), scenes, seed=a.seed).items():
             print(f"{change:16s} {v['whole']:7.3f} {v['min']:8.3f} {v['mean']:7.3f} {v['images']:7d}")
+    for verifier in a.claims:
+        from rewards.claims import ClaimsReward
+
+        print(f"\n{verifier}: the claims reward prefers the true description (ties count half); mean gap")
+        print(f"{'change':16s} {'prefers truth':>14s} {'gap':>7s} {'images':>7s}")
+        for change, v in grounded_lm_preference(ClaimsReward(verifier), images, scenes, seed=a.seed).items():
+            print(f"{change:16s} {v['prefers_truth']:14.3f} {v['gap']:7.2f} {v['images']:7d}")
     for model_dir in a.grounded_lm:
         from rewards.grounded_lm import GroundedLMReward
 

@@ -64,6 +64,20 @@ def cell_loss(heads: nn.ModuleDict, x: torch.Tensor, labels: dict, rows: torch.T
                for a, h in heads.items())
 
 
+def fit_heads(heads: nn.ModuleDict, x: torch.Tensor, labels: dict, *, steps: int, batch: int = 512, lr: float = 1e-3,
+              generator: torch.Generator | None = None) -> nn.ModuleDict:
+    """Adam on :func:`cell_loss` of ``heads`` over fixed features ``x`` (rows sampled ``batch`` at a
+    time, ``steps`` times): how the probes and the cell reader fit their linear heads."""
+    opt = torch.optim.Adam(heads.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(steps):
+        rows = torch.randint(0, len(x), (min(batch, len(x)),), generator=generator)
+        loss = cell_loss(heads, x[rows], labels, rows)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return heads
+
+
 @torch.no_grad()
 def cell_accuracy(heads: nn.ModuleDict, x: torch.Tensor, scenes: list[dict]) -> dict[str, dict[str, float]]:
     """Per attribute: accuracy of the value on occupied cells (all, and by the object's size) and

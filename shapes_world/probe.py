@@ -29,7 +29,7 @@ import json
 
 import torch
 
-from shapes_world.cells import cell_accuracy, cell_heads, cell_loss
+from shapes_world.cells import cell_accuracy, cell_heads, cell_loss, fit_heads
 from shapes_world.world import CELL_ATTRIBUTES, cell_labels
 
 BLIP2_CLASSES = ("Blip2ForImageTextRetrieval", "Blip2ForConditionalGeneration")
@@ -65,14 +65,7 @@ def probe_cells(train_x: torch.Tensor, train_scenes: list[dict], test_x: torch.T
     mean, std = train_x.mean(0), train_x.std(0) + 1e-5
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     labels = cell_labels(train_scenes)
-    heads = cell_heads(train_x.shape[1])
-    opt = torch.optim.Adam(heads.parameters(), lr=lr, weight_decay=1e-4)
-    for _ in range(steps):
-        rows = torch.randint(0, len(train_x), (min(batch, len(train_x)),), generator=gen)
-        loss = cell_loss(heads, train_x[rows], labels, rows)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    heads = fit_heads(cell_heads(train_x.shape[1]), train_x, labels, steps=steps, batch=batch, lr=lr, generator=gen)
     return cell_accuracy(heads, test_x, test_scenes)
 
 

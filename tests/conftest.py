@@ -62,3 +62,19 @@ def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     write_world(root, seed=0, sizes={"train": 64, "val": 32, "test": 32})
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_reader_dir(tmp_path_factory, tiny_itm_dir, tiny_world):
+    """A cell reader (shapes_world/reader.py) on the tiny ITM's tower, its heads fitted on the tiny
+    world's training scenes, saved."""
+    from transformers import Blip2ForImageTextRetrieval
+
+    from shapes_world.pretrain.common import load_split
+    from shapes_world.reader import fit_reader
+
+    train = load_split(tiny_world / "train.parquet")
+    tower = Blip2ForImageTextRetrieval.from_pretrained(str(tiny_itm_dir)).vision_model
+    folder = tmp_path_factory.mktemp("reader")
+    fit_reader(tower, train.images, train.scenes, readout="flat", steps=300).save(folder)
+    return folder

@@ -54,7 +54,7 @@ def test_defaults():
     assert c.policy.train_vision is False and c.policy.value_head_use_query is False
     assert c.rollout.num_actors == 2 and c.rollout.backend == "hf" and c.rollout.samples_per_image == 4
     assert c.reward.weights() == {"clip": 1.0, "itm": 0.0, "ref": 0.0, "bad": 1.0, "repeat": 1.0, "length": 0.0,
-                                  "binding": 0.0, "phrase_itm": 0.0, "grounded_lm": 0.0}
+                                  "binding": 0.0, "phrase_itm": 0.0, "grounded_lm": 0.0, "claims": 0.0}
     comps = c.reward.components
     assert comps["bad"].phrases is None and c.reward.batch_wait_s == 0.05 and comps["ref"].lm_path is None
     assert comps["clip"].path == "models/shapes/reward_clip" and comps["repeat"].ngram == 2
@@ -181,7 +181,7 @@ def test_cli_override_forms():
     assert c.reward.components["bad"].phrases == ["a picture of", "an image of"]
     assert c.policy.lora_target_modules == ["q_proj", "k_proj"]
     assert c.reward.weights() == {"clip": 1.0, "itm": 0.25, "ref": 0.0, "bad": 1.0, "repeat": 1.0, "length": 0.0,
-                                  "binding": 0.0, "phrase_itm": 0.0, "grounded_lm": 0.0}
+                                  "binding": 0.0, "phrase_itm": 0.0, "grounded_lm": 0.0, "claims": 0.0}
     assert c.reward.components["ref"].lm_path is None and c.run_name == "123" and c.time_budget_s == 30.0
     assert c.learner.lr == 1e-5 and c.learner.max_policy_lag == 0
 

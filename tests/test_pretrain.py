@@ -36,12 +36,19 @@ def test_pretrain_smoke_writes_all_models_and_metrics(tiny_world, tmp_path):
     assert set(grounding) == {"shape", "size", "colour", "position", "background"}
     assert all(0 <= v["prefers_truth"] <= 1 and abs(v["prefers_truth"] * 32 - round(v["prefers_truth"] * 32)) < 1e-4
                for v in grounding.values())
+    # the cell reader: its heads' test accuracy per attribute, and the ITM's tower as its own
+    assert set(metrics["reader"]) == {"shape", "color", "size"}
+    from shapes_world.reader import CellReader
+
+    reader = CellReader.load(out / "reader")
+    assert reader.info["test_accuracy"] == metrics["reader"]
     captioner = Blip2ForConditionalGeneration.from_pretrained(str(out / "captioner"))
     itm = Blip2ForImageTextRetrieval.from_pretrained(str(out / "reward_itm"))
     # Both start from the stage-0 vision tower and keep it frozen, as BLIP-2 does.
     assert "vision" in metrics
     for key, value in itm.vision_model.state_dict().items():
         assert torch.equal(value, captioner.vision_model.state_dict()[key]), key
+        assert torch.equal(value, reader.tower.state_dict()[key]), key
 
 
 def test_cell_label_objective_rejects_an_unknown_readout():

@@ -224,6 +224,28 @@ def test_phrase_itm_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local):
     torch.testing.assert_close(torch.tensor(scored.column("reward").to_pylist()), total, rtol=1e-4, atol=1e-4)
 
 
+def test_claims_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local, tiny_reader_dir):
+    """The claims reward with a cell reader, switched on in the config, runs inside a Ray reward
+    actor: logged as r/claims, equal to the component called by hand, weighted into the total
+    beside the CLIP reward."""
+    from rewards.claims import ClaimsReward
+    from rewards.clip_reward import ClipReward
+
+    _, _, clip, _ = paths
+    cfg = _cfg(paths, tmp_path, "claims", 1, reward__components={
+        "clip": {"weight": 1.0, "path": str(clip)}, "itm": {"weight": 0.0}, "bad": {"weight": 0.0},
+        "repeat": {"weight": 0.0}, "claims": {"weight": 0.5, "path": str(tiny_reader_dir), "false_cost": 2.0}})
+    captions = ["a large red circle at the top and a small blue square at the left", "a red circle",
+                "two green crosses on a white background"]
+    scored, images = _score_in_reward_actor(cfg, ray_local, captions, image_rows=[0, 1, 1], sample_index=[0, 0, 1])
+    want = ClaimsReward(str(tiny_reader_dir), false_cost=2.0)(images, captions)
+    got = torch.tensor(scored.column("r/claims").to_pylist())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert len(set(got.tolist())) == 3  # three captions, three different sets of claims
+    total = ClipReward(str(clip))(images, captions) + 0.5 * want
+    torch.testing.assert_close(torch.tensor(scored.column("reward").to_pylist()), total, rtol=1e-4, atol=1e-4)
+
+
 def test_grounded_lm_scores_in_a_ray_reward_actor(paths, tmp_path, ray_local):
     """The base captioner's likelihood ratio, switched on in the config (capped per token at 0),
     runs inside a Ray reward actor on the policy's own captioner: logged as r/grounded_lm, equal to

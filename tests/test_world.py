@@ -618,3 +618,35 @@ def test_ceiling_asks_for_the_reward_captioner_before_scoring_a_models_captions(
     with pytest.raises(SystemExit) as ei:
         main(["--data", str(tmp_path / "none"), "--grounded-lm-captions", str(tmp_path / "policy")])
     assert ei.value.code == 2 and "--grounded-lm-captions needs --grounded-lm" in capsys.readouterr().err
+
+
+def test_ceiling_reports_how_often_the_claims_reward_prefers_the_truth(tiny_world, tiny_reader_dir, tiny_clip_dir, capsys):
+    from shapes_world.ceiling import main
+
+    main(["--data", str(tiny_world), "--evaluator", str(tiny_clip_dir), "--claims", str(tiny_reader_dir)])
+    out = capsys.readouterr().out
+    table = out[out.index("the claims reward prefers the true description"):].splitlines()[2:]
+    rows = {line[:16].strip(): line[16:].split() for line in table if line.strip()}
+    assert {"wrong shape", "wrong color", "wrong size", "wrong position"} <= set(rows)
+    for change, (share, gap, images) in rows.items():
+        assert 0 <= float(share) <= 1 and int(images) > 0, change
+    assert int(rows["wrong shape"][2]) == 32  # every test scene has a wrong-shape change
+
+
+def test_unbound_modifiers_become_generic_mentions_only_when_asked():
+    """A policy can leave the noun out ("a large blue at the top right"): by default such words
+    state nothing; with unbound=True they claim a generic object, and so does a position no
+    phrase takes. Precision counts them in attribute_precision_unbound."""
+    caption = "a large blue at at the top right and a small green at the center at the left"
+    assert parse_caption(caption) == []
+    assert parse_caption(caption, unbound=True) == [
+        ("color", None, "blue"), ("size", None, "large"), ("position", None, "top right"),
+        ("color", None, "green"), ("size", None, "small"), ("position", None, "center"), ("position", None, "left")]
+    bound = "a red circle at the top, at the left a small square"
+    assert parse_caption(bound, unbound=True) == parse_caption(bound)
+    scene = Scene("white", (SceneObject("circle", "blue", "large", "top right"),))
+    s = attribute_scores([caption, "a blue circle"], [scene, scene])
+    assert s["attribute_precision"] == 1.0 and s["mentions_per_caption"] == 1.0  # only "a blue circle": 2 / 2
+    # unbound: blue, large, top right true; green, small, center, left false; + the 2 bound ones
+    assert s["attribute_precision_unbound"] == pytest.approx(5 / 9)
+    assert s["unbound_mentions_per_caption"] == pytest.approx(7 / 2)

@@ -218,6 +218,14 @@ class GroundedLMComponent:
 
 
 @_section
+class ClaimsComponent:
+    weight: Annotated[float, "weight in the total reward (0: never computed)"] = 0.0
+    path: Annotated[str, "the verifier (rewards/claims.py): a cell reader folder (reader.json) or a BLIP2-ITM "
+                         "model"] = "models/shapes/reader"
+    false_cost: Annotated[float, "what an expected false claim costs, against 1 for an expected true one"] = 1.0
+
+
+@_section
 class PluginComponent:
     target: Annotated[str, "the factory: 'pkg.module:factory' or 'path/to/file.py:factory'"]
     weight: Annotated[float, "weight in the total reward (0: never computed)"] = 1.0
@@ -228,7 +236,7 @@ class PluginComponent:
 BUILTIN_COMPONENTS: dict[str, type] = {"clip": ClipComponent, "itm": ItmComponent, "ref": RefComponent,
                                        "bad": BadComponent, "repeat": RepeatComponent, "length": LengthComponent,
                                        "binding": BindingComponent, "phrase_itm": PhraseItmComponent,
-                                       "grounded_lm": GroundedLMComponent}
+                                       "grounded_lm": GroundedLMComponent, "claims": ClaimsComponent}
 
 
 def default_components() -> dict[str, Any]:

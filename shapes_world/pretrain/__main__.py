@@ -1,4 +1,4 @@
-"""Rebuild the four shapes-world models and their baseline metrics.
+"""Rebuild the shapes-world models and their baseline metrics.
 
     python -m shapes_world.pretrain --data data/shapes --out models/shapes
 
@@ -21,7 +21,8 @@ from shapes_world.pretrain.common import load_split
 from shapes_world.tokenizer import build_tokenizer
 from shapes_world.world import counterfactual_texts
 
-STEPS = {"reward_clip": 400, "eval_clip": 450, "vision": 500, "itm": 1600, "lm": 200, "captioner": 1600}
+STEPS = {"reward_clip": 400, "eval_clip": 450, "vision": 500, "itm": 1600, "lm": 200, "captioner": 1600,
+         "reader": 1500}
 # The captioner's language model learns to read the background from the queries only after some
 # 150,000-200,000 captions (one in nine names it). At 800 steps of 128 whether it had was down to
 # seed and float rounding (teacher-forced, the true background preferred for 0.99 of test images
@@ -45,9 +46,13 @@ CELL_LOSS = {"vision": 0.0, "reward_clip": 0.0}
 # so from all tokens. Either way, without ``--cell-background`` the ITM on stage 0 could not
 # learn ITC (BENCHMARKS.md).
 CELL_READOUT = {"vision": "local", "reward_clip": "flat"}
+# Training scenes the cell reader's heads are fitted on (its tower stays frozen).
+READER_SCENES = 10000
 # "vision" is stage 0, the BLIP-2 vision tower; it is stored inside reward_itm and captioner.
-MODELS = ("reward_clip", "eval_clip", "vision", "reward_itm", "captioner")
-SEEDS = {"reward_clip": 11, "eval_clip": 22, "vision": 55, "itm": 33, "captioner": 44}
+# "reader" is that tower with linear heads that read each grid cell (shapes_world.reader), the
+# verifier of the claims reward.
+MODELS = ("reward_clip", "eval_clip", "vision", "reward_itm", "captioner", "reader")
+SEEDS = {"reward_clip": 11, "eval_clip": 22, "vision": 55, "itm": 33, "captioner": 44, "reader": 66}
 
 
 def clip_alt_text_metrics(model, test) -> dict:
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--only: unknown model(s) {sorted(only - set(MODELS))}; choose from {MODELS}")
     # Checked before any training: the models not rebuilt are read from --out (the ITM for its
     # tower and Q-Former), and the captioner and the evaluator CLIP are evaluated at the end.
-    reads_itm = bool(only & {"reward_itm", "captioner"}) and not only >= {"vision", "reward_itm"}
+    reads_itm = bool(only & {"reward_itm", "captioner", "reader"}) and not only >= {"vision", "reward_itm"}
     missing = sorted(n for n in {"captioner", "eval_clip"} | ({"reward_itm"} if reads_itm else set())
                      if n not in only and not (out / n).is_dir())
     if missing:
@@ -204,6 +209,21 @@ def main(argv: list[str] | None = None) -> None:
                                     steps=steps["captioner"])
         save_blip2(captioner, tokenizer, out / "captioner")
         timings["captioner"] = time.time() - t0
+
+    if "reader" in only:
+        import copy
+
+        from shapes_world.reader import fit_reader
+
+        t0 = time.time()
+        # A copy of the ITM's (stage-0) tower: the reward ITM and the captioner are built on it.
+        reader = fit_reader(copy.deepcopy(itm.vision_model), train.images[:READER_SCENES],
+                            train.scenes[:READER_SCENES], steps=steps["reader"], seed=SEEDS["reader"])
+        metrics["reader"] = reader.accuracy(test.images, test.scenes)
+        reader.info["test_accuracy"] = metrics["reader"]
+        reader.save(out / "reader")
+        timings["reader"] = time.time() - t0
+        print("reader", metrics["reader"], flush=True)
 
     metrics["captioner_greedy_test"] = evaluate_saved_captioner(out / "captioner", out / "eval_clip", root / "test.parquet")
     print("captioner", metrics["captioner_greedy_test"], flush=True)
