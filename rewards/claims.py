@@ -81,10 +81,12 @@ class ClaimsReward:
         path: a cell reader folder or a BLIP2-ITM model (local directory or hub id).
         device: torch device of the verifier.
         false_cost: what an expected false claim costs, against 1 for an expected true one.
+        unbound: with a cell reader, modifiers no noun takes are claims about some object
+            (``shapes_world.parse.parse_caption(unbound=True)``); ``False``: they claim nothing.
         dtype: the ITM verifier's dtype (``None``: as saved).
     """
 
-    def __init__(self, path: str, device: str | torch.device = "cpu", false_cost: float = 1.0,
+    def __init__(self, path: str, device: str | torch.device = "cpu", false_cost: float = 1.0, unbound: bool = True,
                  dtype: str | None = None, name: str = "claims"):
         if not false_cost >= 0:
             raise ValueError(f"false_cost must be >= 0, got {false_cost}")
@@ -95,7 +97,7 @@ class ClaimsReward:
         if (local / "reader.json").is_file():
             from shapes_world.reader import CellReader
 
-            self.verifier = CellReader.load(path, device=device)
+            self.verifier = CellReader.load(path, device=device, unbound=unbound)
         else:
             self.verifier = ItmClaims(path, device=device, dtype=dtype)
         self.path, self.false_cost, self.name = str(path), float(false_cost), name

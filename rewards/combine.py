@@ -291,10 +291,10 @@ def _grounded_lm(ctx: RewardContext, path: str | None = None, negatives: int = 4
                             per_token=per_token, max_token_gain=max_token_gain, dtype=ctx.dtype)
 
 
-def _claims(ctx: RewardContext, path: str, false_cost: float = 1.0) -> Callable:
+def _claims(ctx: RewardContext, path: str, false_cost: float = 1.0, unbound: bool = True) -> Callable:
     from rewards.claims import ClaimsReward
 
-    return ClaimsReward(path, device=ctx.device, false_cost=false_cost, dtype=ctx.dtype)
+    return ClaimsReward(path, device=ctx.device, false_cost=false_cost, unbound=unbound, dtype=ctx.dtype)
 
 
 BUILTIN_FACTORIES: dict[str, Callable[..., Callable]] = {

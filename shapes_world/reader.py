@@ -9,9 +9,8 @@ captioner are built on) and one linear classifier per attribute over each cell's
 fitted on its alt-texts; at RL time it sees only the image and the caption.
 
 A caption's claims are the mentions of ``shapes_world.parse.parse_caption``, modifiers that no
-noun takes included (``unbound=True``: "a large blue at the top" claims a large blue object at the
-top; without it a policy learnt to leave the noun out and state colours that no claim covered,
-BENCHMARKS.md), each judged as
+noun takes included unless ``unbound=False`` ("a large blue at the top" claims a large blue object
+at the top; without it a policy learnt to leave the noun out, BENCHMARKS.md), each judged as
 ``parse.is_true`` judges it against the scene, with the reader's per-cell probabilities in place
 of the scene (cells independent): for ``obj_c(s)``, the probability that cell ``c`` holds a shape
 ``s`` (for a generic noun: any object) and ``P_c(a = v | object)`` that its object's attribute
@@ -52,14 +51,15 @@ class CellReader:
     shape, colour, size (each with "empty" last) and the background, :meth:`claims` of captions."""
 
     def __init__(self, tower, heads: torch.nn.ModuleDict, mean: torch.Tensor, std: torch.Tensor,
-                 readout: str = "local", info: dict | None = None, device: str | torch.device = "cpu"):
+                 readout: str = "local", info: dict | None = None, device: str | torch.device = "cpu",
+                 unbound: bool = True):
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
         self.device = torch.device(device)
         self.tower = tower.to(self.device).eval().requires_grad_(False)
         self.heads = heads.to(self.device).eval().requires_grad_(False)
         self.mean, self.std = mean.to(self.device), std.to(self.device)
-        self.readout = readout
+        self.readout, self.unbound = readout, unbound
         self.info = dict(info or {})
         size = tower.config.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
@@ -105,7 +105,7 @@ class CellReader:
         out = []
         for cap, row in zip(captions, index, strict=True):
             cells = {a: p[row] for a, p in probs.items()}
-            mentions = parse_caption(cap, unbound=True)
+            mentions = parse_caption(cap, unbound=self.unbound)
             out.append((mentions, torch.tensor([mention_probability(cells, m) for m in mentions], dtype=torch.float32)))
         return out
 
@@ -133,7 +133,7 @@ class CellReader:
                                                    indent=2))
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> CellReader:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", unbound: bool = True) -> CellReader:
         from safetensors.torch import load_file
         from transformers import Blip2VisionModel
 
@@ -151,7 +151,8 @@ class CellReader:
         heads = cell_heads(dim, cells=1 if meta["readout"] == "local" else len(POSITIONS), attributes=WITH_BACKGROUND)
         heads.load_state_dict({k: v for k, v in tensors.items() if k not in ("mean", "std")})
         info = {k: v for k, v in meta.items() if k not in ("readout", "attributes")}
-        return cls(tower, heads, tensors["mean"], tensors["std"], readout=meta["readout"], info=info, device=device)
+        return cls(tower, heads, tensors["mean"], tensors["std"], readout=meta["readout"], info=info, device=device,
+                   unbound=unbound)
 
 
 def fit_reader(tower, images_u8: torch.Tensor, scenes: list[dict], *, readout: str = "flat", steps: int = 1500,

@@ -78,6 +78,7 @@ def test_a_mention_s_probability_by_hand(tmp_path):
     assert unbound == [("color", None, "red"), ("size", None, "large"), ("position", None, "top")]
     torch.testing.assert_close(p_unbound, torch.tensor([1 - (1 - q_red_object) ** 9, 1 - (1 - 0.7 * 0.5) ** 9, 0.7]),
                                rtol=5e-3, atol=5e-3)
+    assert CellReader.load(tmp_path / "reader", unbound=False).claims(_images(1), ["a large red at the top"], [0])[0][0] == []
     # values no object or background of the world has are never true
     _, p_never = reader.claims(_images(1), ["a white square on a yellow background"], [0])[0]
     # mentions: background yellow, a square, a white square

@@ -223,6 +223,8 @@ class ClaimsComponent:
     path: Annotated[str, "the verifier (rewards/claims.py): a cell reader folder (reader.json) or a BLIP2-ITM "
                          "model"] = "models/shapes/reader"
     false_cost: Annotated[float, "what an expected false claim costs, against 1 for an expected true one"] = 1.0
+    unbound: Annotated[bool, "with a cell reader: modifiers no noun takes ('a large blue at the top') are claims "
+                             "about some object; false: they claim nothing, as the caption parser's default"] = True
 
 
 @_section
