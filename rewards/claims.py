@@ -61,7 +61,7 @@ class ItmClaims:
 
     def claims(self, images: Sequence[Any], captions: Sequence[str],
                index: Sequence[int]) -> list[tuple[list[str], torch.Tensor]]:
-        from rewards.phrase_itm import phrase_scores, split_phrases
+        from rewards.phrase_itm import score_phrases, split_phrases
 
         embeds = self.itm.image_embeds(images)
 
@@ -69,9 +69,10 @@ class ItmClaims:
             self.itm.count_truncated(texts)
             return self.itm.match_probabilities(embeds, texts, rows)
 
-        per_caption = phrase_scores(probabilities, index, captions, self.pattern)
+        phrases = [split_phrases(c, self.pattern) for c in captions]
+        per_caption = score_phrases(probabilities, index, phrases)
         self.last_truncated = self.itm.last_truncated
-        return [(split_phrases(c, self.pattern), p) for c, p in zip(captions, per_caption)]
+        return list(zip(phrases, per_caption))
 
 
 class ClaimsReward:

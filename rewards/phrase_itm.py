@@ -25,7 +25,7 @@ import torch
 from rewards.itm_reward import ItmReward
 from vlrm.images import paired
 
-__all__ = ["DEFAULT_SEPARATORS", "PhraseItmReward", "phrase_scores", "split_phrases"]
+__all__ = ["DEFAULT_SEPARATORS", "PhraseItmReward", "phrase_scores", "score_phrases", "split_phrases"]
 
 DEFAULT_SEPARATORS: tuple[str, ...] = (",", ";", "and", "with")
 
@@ -50,7 +50,12 @@ def phrase_scores(score: Callable[[list[int], list[str]], torch.Tensor], rows: S
                   separators: Sequence[str] | re.Pattern = DEFAULT_SEPARATORS) -> list[torch.Tensor]:
     """Per caption, ``FloatTensor[phrases]``: each of its phrases scored with the image of its row,
     all phrases in one ``score(rows, texts)`` call."""
-    phrases = [split_phrases(c, separators) for c in captions]
+    return score_phrases(score, rows, [split_phrases(c, separators) for c in captions])
+
+
+def score_phrases(score: Callable[[list[int], list[str]], torch.Tensor], rows: Sequence[int],
+                  phrases: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+    """:func:`phrase_scores` of captions already split: ``phrases[i]`` with the image of ``rows[i]``."""
     flat = score([r for r, ps in zip(rows, phrases) for _ in ps], [p for ps in phrases for p in ps])
     return list(torch.split(flat, [len(ps) for ps in phrases]))
 

@@ -16,7 +16,7 @@ the same, and for one object's attribute made wrong, with the description scored
 weakest phrase and by its phrases' mean (:func:`phrase_preference`): what a per-phrase check
 (``rewards.phrase_itm``) can pay for. The fifth (with ``--grounded-lm``) the same changes scored
 by the ``grounded_lm`` reward itself, the contrast against the batch's other images, uncapped and
-capped per token at 0 (:func:`grounded_lm_preference`); with ``--grounded-lm-captions MODEL`` also
+capped per token at 0 (:func:`reward_preference`); with ``--grounded-lm-captions MODEL`` also
 that reward of a model's own greedy captions by how many false mentions each has
 (:func:`score_by_false_mentions`): whether it sees the errors a policy actually makes.
 
@@ -197,12 +197,12 @@ def phrase_preference(score, scenes, seed: int = 0) -> dict[str, dict[str, float
     return out
 
 
-def grounded_lm_preference(reward, images, scenes, seed: int = 0, batch: int = 16) -> dict[str, dict[str, float]]:
+def reward_preference(reward, images, scenes, seed: int = 0, batch: int = 16) -> dict[str, dict[str, float]]:
     """Per change of the true full description (:func:`description_changes`), the share of images
-    whose truth a reward (the ``grounded_lm`` one, a :class:`rewards.grounded_lm.GroundedLMReward`,
-    or any ``reward(images, captions)``) scores higher (a tie counts half), the mean gap, and how many images. The pairs are scored ``batch``
-    images at a time, as in a rollout batch: each caption's negatives are the next images of its
-    batch, the same for the truth and its change."""
+    whose truth a reward (any ``reward(images, captions)``: the ``grounded_lm`` one, the
+    ``claims`` one) scores higher (a tie counts half), the mean gap, and how many images. The pairs
+    are scored ``batch`` images at a time, as in a rollout batch: a reward that reads the other
+    images of the batch (``grounded_lm``'s negatives) sees the same ones for the truth and its change."""
     truths, changes = description_changes(scenes, seed)
     out = {}
     for name, pairs in changes.items():
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"\n{verifier}: the claims reward prefers the true description (ties count half); mean gap")
         print(f"{'change':16s} {'prefers truth':>14s} {'gap':>7s} {'images':>7s}")
-        for change, v in grounded_lm_preference(ClaimsReward(verifier), images, scenes, seed=a.seed).items():
+        for change, v in reward_preference(ClaimsReward(verifier), images, scenes, seed=a.seed).items():
             print(f"{change:16s} {v['prefers_truth']:14.3f} {v['gap']:7.2f} {v['images']:7d}")
     for model_dir in a.grounded_lm:
         from rewards.grounded_lm import GroundedLMReward
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'change':16s} {'uncapped':>9s} {'gap':>7s} {'capped':>7s} {'gap':>7s} {'images':>7s}")
         uncapped, capped = (GroundedLMReward(model_dir, negatives=a.grounded_lm_negatives, max_token_gain=cap)
                             for cap in (None, 0.0))
-        both = [grounded_lm_preference(r, images, scenes, seed=a.seed) for r in (uncapped, capped)]
+        both = [reward_preference(r, images, scenes, seed=a.seed) for r in (uncapped, capped)]
         for change, u in both[0].items():
             c = both[1][change]
             print(f"{change:16s} {u['prefers_truth']:9.3f} {u['gap']:7.2f} {c['prefers_truth']:7.3f} {c['gap']:7.2f} "

@@ -56,6 +56,26 @@ def local_cell_features(tokens: torch.Tensor) -> torch.Tensor:
     return torch.einsum("cp,bpd->bcd", cell_patch_weights(grid).to(tokens), tokens[:, 1:])
 
 
+# How heads read the cells from a tower's tokens: "flat", every cell from all tokens at once (the
+# tower may keep a cell's facts in any token); "local", each cell from the patch tokens over it.
+READOUTS = ("flat", "local")
+
+
+def readout_features(tokens: torch.Tensor, readout: str) -> torch.Tensor:
+    """Features of tokens ``[B, T, D]`` for :func:`readout_heads`: ``[B, T * D]`` (flat) or
+    ``[B, 9, D]`` (local, :func:`local_cell_features`)."""
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+    return local_cell_features(tokens) if readout == "local" else tokens.flatten(1)
+
+
+def readout_heads(dim: int, readout: str, attributes: dict = CELL_ATTRIBUTES) -> nn.ModuleDict:
+    """:func:`cell_heads` for features of :func:`readout_features` whose last dimension is ``dim``."""
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+    return cell_heads(dim, cells=1 if readout == "local" else len(POSITIONS), attributes=attributes)
+
+
 def cell_loss(heads: nn.ModuleDict, x: torch.Tensor, labels: dict, rows: torch.Tensor) -> torch.Tensor:
     """Summed over attributes: the cross-entropy of every cell's value, features ``x`` ``[B, dim]``
     (or per cell, ``[B, 9, dim]``, with ``cell_heads(dim, cells=1)``) of the scenes ``rows``
@@ -76,6 +96,25 @@ def fit_heads(heads: nn.ModuleDict, x: torch.Tensor, labels: dict, *, steps: int
         loss.backward()
         opt.step()
     return heads
+
+
+def train_tower(tower, heads: nn.ModuleDict, images_u8: torch.Tensor, labels: dict, *, steps: int, batch: int = 256,
+                lr: float = 1e-3, warmup: int = 50, generator: torch.Generator | None = None) -> None:
+    """AdamW on :func:`cell_loss`, the ``tower`` (a ``Blip2VisionModel``) and flat ``heads`` (on
+    all its tokens) trained together on images ``[N, 3, S, S]`` uint8 and their cell ``labels``:
+    how ``probe.supervised_tower`` and a reader with its own tower (``reader.train_reader``) learn."""
+    from shapes_world.pretrain.common import cosine_steps, normalize
+
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.05)
+    tower.train()
+    for _ in cosine_steps(opt, steps, lr, warmup):
+        rows = torch.randint(0, len(images_u8), (batch,), generator=generator)
+        tokens = tower(pixel_values=normalize(images_u8[rows])).last_hidden_state.flatten(1)
+        loss = cell_loss(heads, tokens, labels, rows)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    tower.eval()
 
 
 @torch.no_grad()

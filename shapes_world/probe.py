@@ -29,7 +29,7 @@ import json
 
 import torch
 
-from shapes_world.cells import cell_accuracy, cell_heads, cell_loss, fit_heads
+from shapes_world.cells import cell_accuracy, cell_heads, fit_heads, train_tower
 from shapes_world.world import CELL_ATTRIBUTES, cell_labels
 
 BLIP2_CLASSES = ("Blip2ForImageTextRetrieval", "Blip2ForConditionalGeneration")
@@ -80,22 +80,14 @@ def supervised_tower(train_images: torch.Tensor, train_scenes: list[dict], test_
     from transformers import Blip2VisionModel
 
     from shapes_world.models import vision_config
-    from shapes_world.pretrain.common import cosine_steps, normalize
+    from shapes_world.pretrain.common import normalize
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tower = Blip2VisionModel(vision_config(train_images.shape[-1], patch_size))
     heads = cell_heads(tower.embeddings.num_positions * tower.config.hidden_size)
-    params = list(tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    labels = cell_labels(train_scenes)
-    for _ in cosine_steps(opt, steps, lr, warmup):
-        rows = torch.randint(0, len(train_images), (batch,), generator=gen)
-        tokens = tower(pixel_values=normalize(train_images[rows])).last_hidden_state.flatten(1)
-        loss = cell_loss(heads, tokens, labels, rows)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    train_tower(tower, heads, train_images, cell_labels(train_scenes), steps=steps, batch=batch, lr=lr, warmup=warmup,
+                generator=gen)
     with torch.no_grad():
         tokens = torch.cat([tower(pixel_values=normalize(test_images[i:i + 500])).last_hidden_state.flatten(1)
                             for i in range(0, len(test_images), 500)])
@@ -146,6 +138,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--features {a.features!r}: choose from {','.join(FEATURES)}")
     if not a.supervised_steps and (a.patch_size or a.image_size or a.small_radius is not None):
         p.error("--patch-size, --image-size and --small-radius apply to --supervised-steps only")
+    if not a.supervised_steps:  # checked before the splits are read
+        try:
+            arch = (transformers.AutoConfig.from_pretrained(a.model).architectures or ["?"])[0]
+        except (OSError, ValueError) as e:
+            p.error(f"--model {a.model}: not a saved transformers model ({e})")
+        if arch not in BLIP2_CLASSES:
+            p.error(f"--model {a.model}: a saved {' or '.join(BLIP2_CLASSES)} is needed, its config names {arch}")
     torch.set_num_threads(a.threads)
     train = load_split(f"{a.data}/train.parquet", limit=a.train_limit)
     test = load_split(f"{a.data}/test.parquet")
@@ -168,12 +167,6 @@ def main(argv: list[str] | None = None) -> None:
         _print_rows("supervised", results["supervised"])
         print(json.dumps(results))
         return
-    try:
-        arch = (transformers.AutoConfig.from_pretrained(a.model).architectures or ["?"])[0]
-    except (OSError, ValueError) as e:
-        p.error(f"--model {a.model}: not a saved transformers model ({e})")
-    if arch not in BLIP2_CLASSES:
-        p.error(f"--model {a.model}: a saved {' or '.join(BLIP2_CLASSES)} is needed, its config names {arch}")
     model = getattr(transformers, arch).from_pretrained(a.model).eval()
     results = {}
     print(f"linear probes per grid cell of {a.model} ({len(train.scenes)} train / {len(test.scenes)} test scenes)")

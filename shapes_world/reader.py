@@ -3,10 +3,11 @@ tower by linear heads, and how likely each claim of a caption is by that reading
 
 The reader is the shapes world's question-answering model (the verifier of the ``claims`` reward,
 ``rewards/claims.py``): asked "is there a square?", "is the square at the top red?", it answers
-with a probability. It is a frozen BLIP-2 vision tower (the stage-0 tower the reward ITM and the
-captioner are built on) and one linear classifier per attribute over each cell's features
-(``shapes_world.cells``), fitted in pretraining on the world's cell labels, as the CLIPs are
-fitted on its alt-texts; at RL time it sees only the image and the caption.
+with a probability. It is a BLIP-2 vision tower and one linear classifier per attribute over each
+cell's features (``shapes_world.cells``), fitted in pretraining on the world's cell labels, as
+the CLIPs are fitted on its alt-texts; at RL time it sees only the image and the caption. The
+tower is either the frozen stage-0 tower the reward ITM and the captioner are built on
+(:func:`fit_reader`) or its own, trained with the heads (:func:`train_reader`).
 
 A caption's claims are the mentions of ``shapes_world.parse.parse_caption``, modifiers that no
 noun takes included unless ``unbound=False`` ("a large blue at the top" claims a large blue object
@@ -36,14 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from shapes_world.cells import WITH_BACKGROUND, cell_accuracy, cell_heads, fit_heads, labels_with_background, local_cell_features
+from shapes_world.cells import (READOUTS, WITH_BACKGROUND, cell_accuracy, fit_heads, labels_with_background,
+                                readout_features, readout_heads)
 from shapes_world.parse import Mention, parse_caption
 from shapes_world.world import POSITIONS, SHAPES
 
-__all__ = ["CellReader", "fit_reader", "mention_probability"]
+__all__ = ["CellReader", "fit_reader", "mention_probability", "train_reader"]
 
 READER_FILE, HEADS_FILE = "reader.json", "heads.safetensors"
-READOUTS = ("local", "flat")
 
 
 class CellReader:
@@ -67,8 +68,7 @@ class CellReader:
     # ---------------------------------------------------------------- reading
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Normalised features: ``[B, 9, D]`` (local) or ``[B, T * D]`` (flat) of tower tokens ``[B, T, D]``."""
-        x = local_cell_features(tokens) if self.readout == "local" else tokens.flatten(1)
-        return (x - self.mean) / self.std
+        return (readout_features(tokens, self.readout) - self.mean) / self.std
 
     def pixels(self, images: Sequence[Any]) -> torch.Tensor:
         """``[B, 3, S, S]`` uint8 of PIL images, arrays or uint8 tensors, resized to the tower's size."""
@@ -148,7 +148,7 @@ class CellReader:
         tensors = {k: v.float() for k, v in load_file(str(path / HEADS_FILE)).items()}
         tower = Blip2VisionModel.from_pretrained(str(path / "vision"), dtype=torch.float32)
         dim = tensors["shape.weight"].shape[1]
-        heads = cell_heads(dim, cells=1 if meta["readout"] == "local" else len(POSITIONS), attributes=WITH_BACKGROUND)
+        heads = readout_heads(dim, meta["readout"], WITH_BACKGROUND)
         heads.load_state_dict({k: v for k, v in tensors.items() if k not in ("mean", "std")})
         info = {k: v for k, v in meta.items() if k not in ("readout", "attributes")}
         return cls(tower, heads, tensors["mean"], tensors["std"], readout=meta["readout"], info=info, device=device,
@@ -164,20 +164,41 @@ def fit_reader(tower, images_u8: torch.Tensor, scenes: list[dict], *, readout: s
     0.86 locally against 0.49 and 0.98 flat); ``"local"`` from the patches over it."""
     from shapes_world.pretrain.common import vision_embeds
 
-    if readout not in READOUTS:
-        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tower = tower.eval().requires_grad_(False)
     with torch.no_grad():
-        tokens = vision_embeds(tower, images_u8)
-    x = local_cell_features(tokens) if readout == "local" else tokens.flatten(1)
+        x = readout_features(vision_embeds(tower, images_u8), readout)
     mean, std = x.mean(0), x.std(0) + 1e-5
     x = (x - mean) / std
     labels = labels_with_background(scenes)
-    heads = cell_heads(x.shape[-1], cells=1 if readout == "local" else len(POSITIONS), attributes=WITH_BACKGROUND)
+    heads = readout_heads(x.shape[-1], readout, WITH_BACKGROUND)
     fit_heads(heads, x, labels, steps=steps, batch=batch, lr=lr, generator=gen)
-    return CellReader(tower, heads, mean, std, readout=readout, info={"steps": steps, "trained_on": len(scenes)})
+    return CellReader(tower, heads, mean, std, readout=readout,
+                      info={"tower": "given", "steps": steps, "trained_on": len(scenes)})
+
+
+def train_reader(images_u8: torch.Tensor, scenes: list[dict], *, steps: int, patch_size: int | None = None,
+                 batch: int = 256, lr: float = 1e-3, seed: int = 0) -> CellReader:
+    """A reader with its own tower: a fresh ``Blip2VisionModel`` (``models.vision_config``, the
+    stage-0 tower's class and size) trained ``steps`` together with flat heads on the cell labels
+    of ``scenes`` (background included; ``cells.train_tower``), images ``[N, 3, S, S]`` uint8.
+    A tower trained for reading reads shapes better than one trained for the captioner
+    (BENCHMARKS.md, "What limits the truth of the tuned captions?")."""
+    from transformers import Blip2VisionModel
+
+    from shapes_world.cells import train_tower
+    from shapes_world.models import PATCH_SIZE, vision_config
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    tower = Blip2VisionModel(vision_config(images_u8.shape[-1], patch_size or PATCH_SIZE))
+    dim = tower.embeddings.num_positions * tower.config.hidden_size
+    heads = readout_heads(dim, "flat", WITH_BACKGROUND)
+    train_tower(tower, heads, images_u8, labels_with_background(scenes), steps=steps, batch=batch, lr=lr, generator=gen)
+    # The heads were trained on the raw tokens: the identity normalisation.
+    return CellReader(tower, heads, torch.zeros(dim), torch.ones(dim), readout="flat",
+                      info={"tower": "own", "steps": steps, "trained_on": len(scenes)})
 
 
 # ---------------------------------------------------------------- a claim's probability
@@ -195,7 +216,8 @@ def _given_object(cells: dict[str, torch.Tensor], attribute: str, value: str) ->
     values = WITH_BACKGROUND[attribute]
     if value not in values:  # a value no object of this world has ("a white square"): never true
         return torch.zeros(len(p))
-    return p[:, values.index(value)] / (1.0 - p[:, -1]).clamp(min=1e-6)
+    # clamped: float rounding can put a cell's value a hair above its chance of holding an object
+    return (p[:, values.index(value)] / (1.0 - p[:, -1]).clamp(min=1e-6)).clamp(max=1.0)
 
 
 def _exactly(p: torch.Tensor, n: int) -> float:
@@ -213,12 +235,12 @@ def mention_probability(cells: dict[str, torch.Tensor], mention: Mention) -> flo
     ``{attribute: FloatTensor[9, values + 1]}`` (module docstring)."""
     kind, shape, value = mention
     if kind == "background":
-        return float(_given_object(cells, "background", value).clamp(max=1.0).mean())
+        return float(_given_object(cells, "background", value).mean())
     obj = _object_probability(cells, shape)
     if kind == "shape":
         return float(1.0 - torch.prod(1.0 - obj))
     if kind in ("color", "size"):
-        return float(1.0 - torch.prod(1.0 - obj * _given_object(cells, kind, value).clamp(max=1.0)))
+        return float(1.0 - torch.prod(1.0 - obj * _given_object(cells, kind, value)))
     if kind == "position":
         return float(obj[POSITIONS.index(value)])
     if kind == "count":

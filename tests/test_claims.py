@@ -115,6 +115,26 @@ def test_a_fitted_reader_reads_its_training_scenes_and_survives_a_round_trip(tin
         torch.testing.assert_close(p.sum(-1), torch.ones(3, 9))
 
 
+def test_a_reader_with_its_own_tower_learns_the_cells_and_survives_a_round_trip(tiny_world, tmp_path):
+    from shapes_world.pretrain.common import load_split
+    from shapes_world.reader import CellReader, train_reader
+
+    train = load_split(tiny_world / "train.parquet")
+    untrained = train_reader(train.images, train.scenes, steps=0, batch=32)
+    reader = train_reader(train.images, train.scenes, steps=80, batch=32)
+    before, after = untrained.accuracy(train.images, train.scenes), reader.accuracy(train.images, train.scenes)
+    # the tower itself learns: both start from the same seeded tower, only training tells them apart
+    assert not torch.equal(untrained.tower.embeddings.patch_embedding.weight, reader.tower.embeddings.patch_embedding.weight)
+    for a in ("shape", "color", "size"):
+        assert before[a]["occupied_acc"] < 0.6 and after[a]["occupied_acc"] > 0.9, (a, before, after)
+    reader.save(tmp_path / "reader")
+    again = CellReader.load(tmp_path / "reader")
+    assert again.info["tower"] == "own" and again.readout == "flat"
+    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in train.images[:4]]
+    for a, p in reader.probabilities(pil).items():  # float16 on disk
+        torch.testing.assert_close(p, again.probabilities(pil)[a], atol=2e-2, rtol=0)
+
+
 def test_claims_reward_refuses_a_folder_that_is_no_verifier(tmp_path):
     from rewards.claims import ClaimsReward
 

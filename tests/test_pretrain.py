@@ -49,6 +49,27 @@ def test_pretrain_smoke_writes_all_models_and_metrics(tiny_world, tmp_path):
     for key, value in itm.vision_model.state_dict().items():
         assert torch.equal(value, captioner.vision_model.state_dict()[key]), key
         assert torch.equal(value.half().float(), reader.tower.state_dict()[key]), key  # stored in float16
+    assert metrics["reader_tower"] == "itm"
+
+
+def test_pretrain_builds_a_reader_with_its_own_tower_beside_the_other_models(tiny_world, tmp_path):
+    out = tmp_path / "models"
+    pretrain_main(["--data", str(tiny_world), "--out", str(out), "--scale", "0.004", "--threads", "2",
+                   "--only", "reward_clip,eval_clip,vision,reward_itm,captioner"])
+    captioner = (out / "captioner" / "model.safetensors").read_bytes()
+    pretrain_main(["--data", str(tiny_world), "--out", str(out), "--scale", "0.004", "--threads", "2",
+                   "--only", "reader", "--reader-tower", "own", "--steps", "reader_tower=2500"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reader_tower"] == "own" and metrics["steps"]["reader_tower"] == 10
+    assert set(metrics["reader"]) == {"shape", "color", "size"} and "reward_itm" in metrics  # earlier metrics kept
+    assert (out / "captioner" / "model.safetensors").read_bytes() == captioner  # the other models untouched
+    from shapes_world.reader import CellReader
+
+    reader = CellReader.load(out / "reader")
+    assert reader.info["tower"] == "own" and reader.info["steps"] == 10
+    itm = Blip2ForImageTextRetrieval.from_pretrained(str(out / "reward_itm"))
+    key = "embeddings.patch_embedding.weight"
+    assert not torch.equal(itm.vision_model.state_dict()[key].half().float(), reader.tower.state_dict()[key])
 
 
 def test_cell_label_objective_rejects_an_unknown_readout():

@@ -483,14 +483,14 @@ def test_phrase_preference_scores_whole_weakest_and_mean(tiny_clip_dir):
     assert all(0.0 <= v[k] <= 1.0 for v in clip.values() for k in ("whole", "min", "mean"))
 
 
-def test_grounded_lm_preference_scores_truth_and_change_in_the_same_batches(tiny_captioner_dir):
+def test_reward_preference_scores_truth_and_change_in_the_same_batches(tiny_captioner_dir):
     """The grounded_lm probe's arithmetic with a reward that knows the truth (every change loses by
     1) and one that cannot tell (a tie counts half), each call given at most ``batch`` images in
     the same order for the truths and their changes; then the reward itself on a tiny captioner."""
     import torch
 
     from rewards.grounded_lm import GroundedLMReward
-    from shapes_world.ceiling import grounded_lm_preference
+    from shapes_world.ceiling import reward_preference
     from shapes_world.world import full_description, sample_scene
 
     rng = np.random.default_rng(6)
@@ -504,7 +504,7 @@ def test_grounded_lm_preference_scores_truth_and_change_in_the_same_batches(tiny
         calls.append([images.index(im) for im in ims])
         return torch.tensor([float(t in truths) for t in texts])
 
-    got = grounded_lm_preference(knows, images, dicts, batch=4)
+    got = reward_preference(knows, images, dicts, batch=4)
     assert all(v["prefers_truth"] == 1.0 and v["gap"] == 1.0 for v in got.values())
     assert all(v["images"] == 10 for k, v in got.items() if k.startswith("wrong"))
     assert max(len(c) for c in calls) == 4
@@ -513,9 +513,9 @@ def test_grounded_lm_preference_scores_truth_and_change_in_the_same_batches(tiny
         assert calls[:n] == calls[n:2 * n]
         calls = calls[2 * n:]
     assert calls == []
-    blind = grounded_lm_preference(lambda ims, texts: torch.zeros(len(texts)), images, dicts)
+    blind = reward_preference(lambda ims, texts: torch.zeros(len(texts)), images, dicts)
     assert all(v["prefers_truth"] == 0.5 and v["gap"] == 0.0 for v in blind.values())
-    real = grounded_lm_preference(GroundedLMReward(str(tiny_captioner_dir), negatives=2, max_token_gain=0.0),
+    real = reward_preference(GroundedLMReward(str(tiny_captioner_dir), negatives=2, max_token_gain=0.0),
                                   images, dicts, batch=4)
     assert real.keys() == got.keys() and all(0.0 <= v["prefers_truth"] <= 1.0 for v in real.values())
 

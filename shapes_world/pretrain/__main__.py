@@ -22,7 +22,7 @@ from shapes_world.tokenizer import build_tokenizer
 from shapes_world.world import counterfactual_texts
 
 STEPS = {"reward_clip": 400, "eval_clip": 450, "vision": 500, "itm": 1600, "lm": 200, "captioner": 1600,
-         "reader": 1500}
+         "reader": 1500, "reader_tower": 1200}
 # The captioner's language model learns to read the background from the queries only after some
 # 150,000-200,000 captions (one in nine names it). At 800 steps of 128 whether it had was down to
 # seed and float rounding (teacher-forced, the true background preferred for 0.99 of test images
@@ -48,6 +48,11 @@ CELL_LOSS = {"vision": 0.0, "reward_clip": 0.0}
 CELL_READOUT = {"vision": "local", "reward_clip": "flat"}
 # Training scenes the cell reader's heads are fitted on (its tower stays frozen).
 READER_SCENES = 10000
+# The cell reader's tower: "itm", a frozen copy of the stage-0 tower the reward ITM and the
+# captioner are built on, with linear heads fitted in 30-60 s; "own", a fresh tower of that class
+# trained with its heads on the cell labels for ``reader_tower`` steps (about 5 minutes on 2
+# cores), which reads shapes better (BENCHMARKS.md).
+READER_TOWER = "itm"
 # "vision" is stage 0, the BLIP-2 vision tower; it is stored inside reward_itm and captioner.
 # "reader" is that tower with linear heads that read each grid cell (shapes_world.reader), the
 # verifier of the claims reward.
@@ -90,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cell-background", action=argparse.BooleanOptionalAction, default=True,
                    help="the cell-label objective also asks every cell for the scene's background (clip.CellLabelLoss; "
                         "without it stage 0 dropped the background and the ITM could not learn ITC)")
+    p.add_argument("--reader-tower", choices=("itm", "own"), default=READER_TOWER,
+                   help="the cell reader reads the ITM's frozen stage-0 tower (itm) or trains its own on the cell "
+                        "labels for reader_tower steps (own)")
     p.add_argument("--steps", default="", metavar="NAME=N,...",
                    help=f"override step counts, e.g. vision=1200 (names: {','.join(STEPS)}); --scale applies after")
     p.add_argument("--only", default=",".join(MODELS),
@@ -213,12 +221,15 @@ def main(argv: list[str] | None = None) -> None:
     if "reader" in only:
         import copy
 
-        from shapes_world.reader import fit_reader
+        from shapes_world.reader import fit_reader, train_reader
 
         t0 = time.time()
-        # A copy of the ITM's (stage-0) tower: the reward ITM and the captioner are built on it.
-        reader = fit_reader(copy.deepcopy(itm.vision_model), train.images[:READER_SCENES],
-                            train.scenes[:READER_SCENES], steps=steps["reader"], seed=SEEDS["reader"])
+        metrics["reader_tower"] = a.reader_tower
+        if a.reader_tower == "own":
+            reader = train_reader(train.images, train.scenes, steps=steps["reader_tower"], seed=SEEDS["reader"])
+        else:  # a copy of the ITM's (stage-0) tower: the reward ITM and the captioner are built on it
+            reader = fit_reader(copy.deepcopy(itm.vision_model), train.images[:READER_SCENES],
+                                train.scenes[:READER_SCENES], steps=steps["reader"], seed=SEEDS["reader"])
         metrics["reader"] = reader.accuracy(test.images, test.scenes)
         reader.info["test_accuracy"] = metrics["reader"]
         reader.save(out / "reader")

@@ -120,42 +120,33 @@ class CellLabelLoss:
     loss adds :func:`position_loss`, so that it replaces it as ``aux_loss``.
     """
 
-    READOUTS = ("flat", "local")
-
     def __init__(self, scenes: list[dict], weight: float = 1.0, position: bool = True, readout: str = "flat",
                  background: bool = False):
-        from shapes_world.cells import WITH_BACKGROUND, labels_with_background
+        from shapes_world.cells import READOUTS, WITH_BACKGROUND, labels_with_background
         from shapes_world.world import CELL_ATTRIBUTES, cell_labels
 
-        if readout not in self.READOUTS:
-            raise ValueError(f"readout must be one of {self.READOUTS}, got {readout!r}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
         self.labels = labels_with_background(scenes) if background else cell_labels(scenes)
         self.attributes = WITH_BACKGROUND if background else CELL_ATTRIBUTES
         self.weight, self.position, self.readout = weight, position, readout
 
-    def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        from shapes_world.cells import local_cell_features
-
-        return local_cell_features(tokens) if self.readout == "local" else tokens.flatten(1)
-
     def attach(self, model):
-        from shapes_world.cells import cell_heads
-        from shapes_world.world import POSITIONS
+        from shapes_world.cells import readout_features, readout_heads
 
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         with torch.no_grad():
             model.encode_image(torch.zeros(1, 3, size, size))
-        x = self.features(model.visual.tokens)
-        model.visual.cell_heads = cell_heads(x.shape[-1], cells=1 if self.readout == "local" else len(POSITIONS),
-                                             attributes=self.attributes)
+        x = readout_features(model.visual.tokens, self.readout)
+        model.visual.cell_heads = readout_heads(x.shape[-1], self.readout, self.attributes)
         return model
 
     def __call__(self, model, rows: torch.Tensor) -> torch.Tensor:
-        from shapes_world.cells import cell_loss
+        from shapes_world.cells import cell_loss, readout_features
 
         visual = model.visual
-        x = self.features(visual.tokens)
+        x = readout_features(visual.tokens, self.readout)
         loss = self.weight * cell_loss(visual.cell_heads, x, self.labels, rows.to(x.device))
         return loss + position_loss(model) if self.position else loss
 
