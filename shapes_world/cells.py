@@ -61,18 +61,22 @@ def local_cell_features(tokens: torch.Tensor) -> torch.Tensor:
 READOUTS = ("flat", "local")
 
 
+def check_readout(readout: str) -> None:
+    """Raise ValueError unless ``readout`` is one of :data:`READOUTS`."""
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+
+
 def readout_features(tokens: torch.Tensor, readout: str) -> torch.Tensor:
     """Features of tokens ``[B, T, D]`` for :func:`readout_heads`: ``[B, T * D]`` (flat) or
     ``[B, 9, D]`` (local, :func:`local_cell_features`)."""
-    if readout not in READOUTS:
-        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+    check_readout(readout)
     return local_cell_features(tokens) if readout == "local" else tokens.flatten(1)
 
 
 def readout_heads(dim: int, readout: str, attributes: dict = CELL_ATTRIBUTES) -> nn.ModuleDict:
     """:func:`cell_heads` for features of :func:`readout_features` whose last dimension is ``dim``."""
-    if readout not in READOUTS:
-        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+    check_readout(readout)
     return cell_heads(dim, cells=1 if readout == "local" else len(POSITIONS), attributes=attributes)
 
 

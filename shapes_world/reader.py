@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shapes_world.cells import (READOUTS, WITH_BACKGROUND, cell_accuracy, fit_heads, labels_with_background,
+from shapes_world.cells import (WITH_BACKGROUND, cell_accuracy, check_readout, fit_heads, labels_with_background,
                                 readout_features, readout_heads)
 from shapes_world.parse import Mention, parse_caption
 from shapes_world.world import POSITIONS, SHAPES
@@ -54,8 +54,7 @@ class CellReader:
     def __init__(self, tower, heads: torch.nn.ModuleDict, mean: torch.Tensor, std: torch.Tensor,
                  readout: str = "local", info: dict | None = None, device: str | torch.device = "cpu",
                  unbound: bool = True):
-        if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        check_readout(readout)
         self.device = torch.device(device)
         self.tower = tower.to(self.device).eval().requires_grad_(False)
         self.heads = heads.to(self.device).eval().requires_grad_(False)

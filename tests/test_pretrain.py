@@ -1,5 +1,6 @@
 """Pretraining end to end at smoke scale, and save/load round trips of every model kind."""
 import json
+import shutil
 
 import open_clip
 import pytest
@@ -10,11 +11,18 @@ from shapes_world.pretrain.__main__ import main as pretrain_main
 from shapes_world.pretrain.clip import CLIP_CONFIGS, build_clip, save_clip
 
 
-def test_pretrain_smoke_writes_all_models_and_metrics(tiny_world, tmp_path):
-    out = tmp_path / "models"
+@pytest.fixture(scope="module")
+def smoke_models(tiny_world, tmp_path_factory):
+    """Every model pretrained at smoke scale into one folder, as the pretraining command makes it."""
+    out = tmp_path_factory.mktemp("pretrain") / "models"
     pretrain_main(["--data", str(tiny_world), "--out", str(out), "--scale", "0.004", "--threads", "2",
                    "--reward-clip-negatives", "2", "--vision-cell-loss", "0.5", "--reward-clip-cell-loss", "1",
                    "--steps", "vision=1000"])
+    return out
+
+
+def test_pretrain_smoke_writes_all_models_and_metrics(smoke_models, tiny_world):
+    out = smoke_models
     # tiny_world has its own sizes: ensure_world must not regenerate it at full size
     assert json.loads((tiny_world / "meta.json").read_text())["sizes"]["train"] == 64
     metrics = json.loads((out / "metrics.json").read_text())
@@ -52,10 +60,9 @@ def test_pretrain_smoke_writes_all_models_and_metrics(tiny_world, tmp_path):
     assert metrics["reader_tower"] == "itm"
 
 
-def test_pretrain_builds_a_reader_with_its_own_tower_beside_the_other_models(tiny_world, tmp_path):
+def test_pretrain_rebuilds_only_the_reader_with_its_own_tower(smoke_models, tiny_world, tmp_path):
     out = tmp_path / "models"
-    pretrain_main(["--data", str(tiny_world), "--out", str(out), "--scale", "0.004", "--threads", "2",
-                   "--only", "reward_clip,eval_clip,vision,reward_itm,captioner"])
+    shutil.copytree(smoke_models, out)
     captioner = (out / "captioner" / "model.safetensors").read_bytes()
     pretrain_main(["--data", str(tiny_world), "--out", str(out), "--scale", "0.004", "--threads", "2",
                    "--only", "reader", "--reader-tower", "own", "--steps", "reader_tower=2500"])

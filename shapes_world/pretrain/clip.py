@@ -122,11 +122,10 @@ class CellLabelLoss:
 
     def __init__(self, scenes: list[dict], weight: float = 1.0, position: bool = True, readout: str = "flat",
                  background: bool = False):
-        from shapes_world.cells import READOUTS, WITH_BACKGROUND, labels_with_background
+        from shapes_world.cells import WITH_BACKGROUND, check_readout, labels_with_background
         from shapes_world.world import CELL_ATTRIBUTES, cell_labels
 
-        if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        check_readout(readout)
         self.labels = labels_with_background(scenes) if background else cell_labels(scenes)
         self.attributes = WITH_BACKGROUND if background else CELL_ATTRIBUTES
         self.weight, self.position, self.readout = weight, position, readout
