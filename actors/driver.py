@@ -110,8 +110,18 @@ class DistributedEngine:
         self._pending_acks: dict[Any, tuple[int, float]] = {}
         self._score_rr = 0
         self.head_watch = None
+        self.placement: dict | None = None  # each role's custom resources, set by check()
 
     # ------------------------------------------------------------------ lifecycle hooks
+
+    def check(self) -> None:
+        """Refuse what would fail or hang once the actors start (actors no node can hold, a missing
+        vLLM environment) now: before the data is prepared (a world generated, a split listed)
+        and before any model loads."""
+        cres = ray.cluster_resources()
+        self.placement = {role: role_resources(self.cfg, role, self.resources, cres)
+                          for role in ("rollout", "reward", "learner")}
+        check_before_start(self.cfg, self.placement, local=self.started_ray)
 
     def start(self, ckpt: Any = None) -> dict:
         """Start every actor (the learner from ``ckpt`` when resuming); returns its resume state."""
@@ -127,9 +137,8 @@ class DistributedEngine:
         t0 = time.perf_counter()
         print(f"[vlrm] {cfg.mode} run {self.ctx.dir} ({'resuming from ' + str(ckpt) if ckpt else 'new'}); Ray "
               f"{ray.__version__}, cluster resources {ray.cluster_resources()}", flush=True)
-        cres = ray.cluster_resources()
-        self.placement = {role: role_resources(cfg, role, self.resources, cres) for role in ("rollout", "reward", "learner")}
-        check_before_start(cfg, self.placement, local=self.started_ray)  # before any actor loads a model
+        if self.placement is None:
+            self.check()
         # with learner.data_parallel_workers > 1 this is rank 0; it starts the other ranks itself
         self.learner = LearnerActor.options(name=f"{name}.learner", namespace=ns,
                                             **learner_actor_options(cfg, self.placement["learner"])).remote(

@@ -124,13 +124,15 @@ def _train(cfg: RunConfig, engine_cls: Callable[..., Any], resume: str | Path | 
     cfg = ctx.cfg
     _seed_everything(cfg.seed)
     source = open_source(cfg.data)
-    source.prepare()
-    num_rows = len(source.split(cfg.data.train_split))
-    sampler = ImageSampler(num_rows, cfg.rollout.images_per_batch, seed=cfg.seed)
     engine = engine_cls(cfg, ctx, **engine_options)
     logger = None
     try:
         cfg = engine.cfg
+        if hasattr(engine, "check"):  # a refusal comes before the data is prepared or a model loads
+            engine.check()
+        source.prepare()
+        num_rows = len(source.split(cfg.data.train_split))
+        sampler = ImageSampler(num_rows, cfg.rollout.images_per_batch, seed=cfg.seed)
         state = engine.start(ckpt)
         step, train_seconds, before = 0, 0.0, None
         if ckpt is not None:

@@ -209,18 +209,22 @@ def test_config_errors_name_the_key_and_exit_2(case, tmp_path, capsys):
 
 
 def test_impossible_resource_request(tmp_path, capsys):
-    """More GPUs than the cluster has: a message naming the key, not a silent wait."""
+    """More GPUs than the cluster has: a message naming the key, not a silent wait, and before the
+    data is prepared (here: the shapes world is not generated first)."""
     import ray
 
     import launch
 
     assert not ray.is_initialized()
+    world = tmp_path / "world"
     argv = ["train", "--config", str(ROOT / "configs/shapes.yaml"), "--rollout.num_gpus", "1", "--rollout.num_actors",
-            "1", "--reward.num_actors", "1", "--output_dir", str(tmp_path), "--cluster.include_dashboard", "false"]
+            "1", "--reward.num_actors", "1", "--output_dir", str(tmp_path), "--cluster.include_dashboard", "false",
+            "--data.root", str(world)]
     assert launch.main(argv) == 2
     err = capsys.readouterr().err
     assert "rollout.num_gpus" in err and "1 GPU" in err and "no node" in err
     assert not ray.is_initialized()  # the local cluster it started is shut down again
+    assert not world.exists()
 
 
 # ------------------------------------------------------------------------------------ rewards
