@@ -18,7 +18,11 @@ weakest phrase and by its phrases' mean (:func:`phrase_preference`): what a per-
 by the ``grounded_lm`` reward itself, the contrast against the batch's other images, uncapped and
 capped per token at 0 (:func:`reward_preference`); with ``--grounded-lm-captions MODEL`` also
 that reward of a model's own greedy captions by how many false mentions each has
-(:func:`score_by_false_mentions`): whether it sees the errors a policy actually makes.
+(:func:`score_by_false_mentions`): whether it sees the errors a policy actually makes. The sixth
+(with ``--claims VERIFIER``) the same changes scored by the ``claims`` reward; with
+``--claims-captions MODEL`` also each mention of a model's greedy captions as the claims reward's
+cell reader judges it, by whether it is true (:func:`claims_by_truth`): whether the reward charges
+for the false ones the policy says, and pays for its true ones.
 
 Each row rewrites every test scene's full description ("a large blue triangle at the center and
 ... on a black background"): an attribute may be dropped (shape -> "object"; no size, colour,
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -241,6 +246,33 @@ def score_by_false_mentions(reward, images, scenes, captions, batch: int = 16) -
     return {"bins": bins, "mean": float(score.mean()), "false_per_caption": float(false.mean()), "correlation": corr}
 
 
+def claims_by_truth(reader, images, scenes, captions, false_cost: float = 1.0) -> dict[str, dict[str, float]]:
+    """Whether the claims reward sees a policy's own errors: every mention of ``captions[i]`` (as
+    the precision metric parses it: bound mentions), its probability by a cell ``reader``
+    (``shapes_world.reader.CellReader``) from ``images[i]`` and its truth in ``scenes[i]``. Per
+    kind of mention: how many are true and false, their mean probability, and the share of the
+    false ones the reward at ``false_cost`` charges for (``p`` at most ``false_cost / (1 +
+    false_cost)``: such a claim scores below 0) and of the true ones it pays for (above it)."""
+    from shapes_world.parse import is_true
+    from shapes_world.world import Scene
+
+    threshold = false_cost / (1.0 + false_cost)
+    found: dict[str, dict[bool, list[float]]] = {}
+    for (mentions, p), scene in zip(reader.claims(images, captions, list(range(len(captions)))), scenes, strict=True):
+        scene = Scene.from_dict(scene)
+        for m, q in zip(mentions, p.tolist(), strict=True):
+            found.setdefault(m[0], {True: [], False: []})[is_true(m, scene)].append(q)
+    out = {}
+    for kind, by_truth in found.items():
+        t, f = by_truth[True], by_truth[False]
+        out[kind] = {"true": len(t), "false": len(f),
+                     "p_true": float(np.mean(t)) if t else float("nan"),
+                     "p_false": float(np.mean(f)) if f else float("nan"),
+                     "true_paid": float(np.mean([q > threshold for q in t])) if t else float("nan"),
+                     "false_charged": float(np.mean([q <= threshold for q in f])) if f else float("nan")}
+    return out
+
+
 def greedy_captions(model_dir, images, max_new_tokens: int = 48, batch: int = 32) -> list[str]:
     """A saved captioner's (or policy's) greedy captions of PIL ``images``."""
     import torch
@@ -333,10 +365,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--claims", action="append", default=[], metavar="VERIFIER",
                    help="also how often the claims reward with this verifier (a cell reader or an ITM model) prefers "
                         "the true description to a changed one (repeatable)")
+    p.add_argument("--claims-false-cost", type=float, default=1.0, help="the claims reward's false_cost")
+    p.add_argument("--claims-captions", action="append", default=[], metavar="MODEL",
+                   help="also each mention of this model's greedy captions (the first --probe-images) as the claims "
+                        "reward's cell reader (the first --claims) judges it, by its truth (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.grounded_lm_captions and not a.grounded_lm:
         p.error("--grounded-lm-captions needs --grounded-lm CAPTIONER: the captioner of the reward that scores them")
+    if a.claims_captions and not (a.claims and (Path(a.claims[0]) / "reader.json").is_file()):
+        p.error("--claims-captions needs --claims READER: a cell reader (reader.json) that judges their mentions")
     ds = open_split(split_path(a.data, a.split))
     scenes = ds.column("scene")
     scenes = [json.loads(sc) for sc in scenes] if scenes is not None else None
@@ -377,8 +415,22 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"\n{verifier}: the claims reward prefers the true description (ties count half); mean gap")
         print(f"{'change':16s} {'prefers truth':>14s} {'gap':>7s} {'images':>7s}")
-        for change, v in reward_preference(ClaimsReward(verifier), images, scenes, seed=a.seed).items():
+        reward = ClaimsReward(verifier, false_cost=a.claims_false_cost)
+        for change, v in reward_preference(reward, images, scenes, seed=a.seed).items():
             print(f"{change:16s} {v['prefers_truth']:14.3f} {v['gap']:7.2f} {v['images']:7d}")
+    for model_dir in a.claims_captions:
+        from shapes_world.reader import CellReader
+
+        n = min(a.probe_images, len(scenes))
+        reader = CellReader.load(a.claims[0], unbound=False)  # the mentions the precision metric counts
+        print(f"\n{a.claims[0]}: the mentions of {model_dir}'s greedy captions of {n} images by their truth: "
+              f"mean probability, share paid (true) / charged (false) at false_cost {a.claims_false_cost:g}")
+        print(f"{'mention':10s} {'true':>6s} {'p':>6s} {'paid':>6s} {'false':>6s} {'p':>6s} {'charged':>8s}")
+        by_kind = claims_by_truth(reader, images[:n], scenes[:n], greedy_captions(model_dir, images[:n]),
+                                  a.claims_false_cost)
+        for kind, v in by_kind.items():
+            print(f"{kind:10s} {v['true']:6d} {v['p_true']:6.3f} {v['true_paid']:6.3f} {v['false']:6d} "
+                  f"{v['p_false']:6.3f} {v['false_charged']:8.3f}")
     for model_dir in a.grounded_lm:
         from rewards.grounded_lm import GroundedLMReward
 

@@ -199,3 +199,34 @@ def test_claims_on_a_flickr8k_photo_and_its_human_captions(tiny_itm_dir):
         p = itm.match_probabilities(itm.image_embeds([images[row]]), phrases, [0] * len(phrases))
         assert ((p > 0) & (p < 1)).all()
         torch.testing.assert_close(score, claims_score(phrases, p), rtol=1e-4, atol=1e-5)
+
+
+def test_claims_by_truth_sorts_a_captions_mentions_by_their_truth_by_hand(tmp_path):
+    """The ceiling's view of a policy's own mentions: each one's probability by the reader, split
+    by its truth in the scene, and whether the reward at false_cost pays or charges for it."""
+    from shapes_world.ceiling import claims_by_truth
+    from shapes_world.reader import CellReader
+    from shapes_world.world import Scene, SceneObject
+
+    reader = CellReader.load(constant_reader(tmp_path / "reader"), unbound=False)
+    scene = Scene("black", (SceneObject("square", "red", "large", "top"),)).to_dict()
+    # square, red square, square at the top: true; circle, blue circle: false; "a green" binds to no noun
+    captions = ["a red square at the top and a blue circle", "a green"]
+    got = claims_by_truth(reader, _images(2), [scene, scene], captions, false_cost=1.0)
+    p_square, p_red_square, p_top = 1 - 0.6 ** 9, 1 - (1 - 0.4 * 0.5 / 0.7) ** 9, 0.4
+    p_circle, p_blue_circle = 1 - 0.9 ** 9, 1 - (1 - 0.1 * 0.04 / 0.7) ** 9
+    assert set(got) == {"shape", "color", "position"}
+    assert (got["shape"]["true"], got["shape"]["false"]) == (1, 1)
+    assert got["shape"]["p_true"] == pytest.approx(p_square, rel=5e-3)
+    assert got["shape"]["p_false"] == pytest.approx(p_circle, rel=5e-3)
+    # at false_cost 1 a claim pays above p = 0.5: the false circle (0.61) goes uncharged
+    assert (got["shape"]["true_paid"], got["shape"]["false_charged"]) == (1.0, 0.0)
+    assert got["color"]["p_true"] == pytest.approx(p_red_square, rel=5e-3)
+    assert got["color"]["p_false"] == pytest.approx(p_blue_circle, rel=5e-2)
+    assert (got["color"]["true_paid"], got["color"]["false_charged"]) == (1.0, 1.0)
+    assert got["position"] == {"true": 1, "false": 0, "p_true": pytest.approx(p_top, rel=5e-3),
+                               "p_false": pytest.approx(float("nan"), nan_ok=True), "true_paid": 0.0,
+                               "false_charged": pytest.approx(float("nan"), nan_ok=True)}
+    # at false_cost 2 a claim pays only above p = 2/3: the circle is charged now, and the red square still paid
+    dear = claims_by_truth(reader, _images(2), [scene, scene], captions, false_cost=2.0)
+    assert dear["shape"]["false_charged"] == 1.0 and dear["color"]["true_paid"] == 1.0

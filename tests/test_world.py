@@ -650,3 +650,21 @@ def test_unbound_modifiers_become_generic_mentions_only_when_asked():
     # unbound: blue, large, top right true; green, small, center, left false; + the 2 bound ones
     assert s["attribute_precision_unbound"] == pytest.approx(5 / 9)
     assert s["unbound_mentions_per_caption"] == pytest.approx(7 / 2)
+
+
+def test_ceiling_judges_a_models_own_mentions_with_the_claims_reader(tiny_world, tiny_reader_dir, tiny_clip_dir,
+                                                                      tiny_captioner_dir, tmp_path, capsys):
+    from shapes_world.ceiling import main
+
+    main(["--data", str(tiny_world), "--evaluator", str(tiny_clip_dir), "--claims", str(tiny_reader_dir),
+          "--claims-captions", str(tiny_captioner_dir), "--probe-images", "8", "--claims-false-cost", "2"])
+    out = capsys.readouterr().out
+    assert "greedy captions of 8 images by their truth" in out and "at false_cost 2" in out
+    header = out[out.index("by their truth"):].splitlines()[1]
+    assert header.split() == ["mention", "true", "p", "paid", "false", "p", "charged"]
+    with pytest.raises(SystemExit) as ei:
+        main(["--data", str(tiny_world), "--claims-captions", str(tiny_captioner_dir)])
+    assert ei.value.code == 2 and "--claims-captions needs --claims READER" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--data", str(tiny_world), "--claims", str(tmp_path), "--claims-captions", str(tiny_captioner_dir)])
+    assert "a cell reader (reader.json)" in capsys.readouterr().err
