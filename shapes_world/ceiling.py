@@ -418,11 +418,12 @@ def main(argv: list[str] | None = None) -> None:
         reward = ClaimsReward(verifier, false_cost=a.claims_false_cost)
         for change, v in reward_preference(reward, images, scenes, seed=a.seed).items():
             print(f"{change:16s} {v['prefers_truth']:14.3f} {v['gap']:7.2f} {v['images']:7d}")
-    for model_dir in a.claims_captions:
+    if a.claims_captions:
         from shapes_world.reader import CellReader
 
         n = min(a.probe_images, len(scenes))
         reader = CellReader.load(a.claims[0], unbound=False)  # the mentions the precision metric counts
+    for model_dir in a.claims_captions:
         print(f"\n{a.claims[0]}: the mentions of {model_dir}'s greedy captions of {n} images by their truth: "
               f"mean probability, share paid (true) / charged (false) at false_cost {a.claims_false_cost:g}")
         print(f"{'mention':10s} {'true':>6s} {'p':>6s} {'paid':>6s} {'false':>6s} {'p':>6s} {'charged':>8s}")
