@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 from vlrm.config import RunConfig
 
-__all__ = ["init_ray", "localize_paths", "role_resources", "unplaceable", "check_before_start", "answers",
-           "learner_lost", "actor_died", "PROJECT_ROOT"]
+__all__ = ["init_ray", "localize_paths", "role_resources", "unplaceable", "check_before_start", "checked_placement",
+           "answers", "answering_infos", "learner_lost", "actor_died", "PROJECT_ROOT"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PATH_KEYS = (("data", "root"), ("data", "image_root"), ("policy", "model_path"), ("policy", "init_from"),
@@ -173,6 +173,31 @@ def check_before_start(cfg: RunConfig, placement: Mapping[str, Mapping[str, floa
         raise ConfigError(f"'{key}': {why}" + "".join(f"; also '{k}': {w}" for k, w in problems[1:]), key=key)
     for key, why in problems:
         print(f"[vlrm] warning: '{key}': {why}; the actors wait until the cluster has it", flush=True)
+
+
+def checked_placement(cfg: RunConfig, overrides: Mapping[str, Mapping[str, float]] | None,
+                      local: bool) -> dict[str, dict | None]:
+    """Each role's custom resources on the connected cluster (:func:`role_resources`), once
+    :func:`check_before_start` has found nothing that would fail or hang."""
+    import ray
+
+    cres = ray.cluster_resources()
+    placement = {role: role_resources(cfg, role, overrides, cres) for role in ("rollout", "reward", "learner")}
+    check_before_start(cfg, placement, local)
+    return placement
+
+
+def answering_infos(actors: list) -> list[dict]:
+    """``info()`` of each actor that still answers (a dead one is skipped)."""
+    import ray
+
+    out = []
+    for a in actors:
+        try:
+            out.append(ray.get(a.info.remote(), timeout=60))
+        except Exception:  # dead, or gone with its node
+            continue
+    return out
 
 
 def answers(actor: Any, timeout: float = 30.0) -> bool:

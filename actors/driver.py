@@ -41,8 +41,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import ray
 
-from actors.cluster import (actor_died, answers, check_before_start, init_ray, learner_lost, localize_paths,
-                            role_resources)
+from actors.cluster import (actor_died, answering_infos, answers, checked_placement, init_ray, learner_lost,
+                            localize_paths)
 from actors.head_watch import watch_head
 from vlrm.accounting import Accounting, interrupted_accounting, interrupted_attempts, peak_memory, summarize
 from vlrm.config import RunConfig
@@ -115,13 +115,9 @@ class DistributedEngine:
     # ------------------------------------------------------------------ lifecycle hooks
 
     def check(self) -> None:
-        """Refuse what would fail or hang once the actors start (actors no node can hold, a missing
-        vLLM environment) now: before the data is prepared (a world generated, a split listed)
-        and before any model loads."""
-        cres = ray.cluster_resources()
-        self.placement = {role: role_resources(self.cfg, role, self.resources, cres)
-                          for role in ("rollout", "reward", "learner")}
-        check_before_start(self.cfg, self.placement, local=self.started_ray)
+        """Refuse what would fail or hang once the actors start (``cluster.checked_placement``) now:
+        before the data is prepared (a world generated, a split listed) and any model loads."""
+        self.placement = checked_placement(self.cfg, self.resources, local=self.started_ray)
 
     def start(self, ckpt: Any = None) -> dict:
         """Start every actor (the learner from ``ckpt`` when resuming); returns its resume state."""
@@ -190,7 +186,7 @@ class DistributedEngine:
 
     def report(self, steps: int, final_step: int, train_seconds: float) -> dict:
         """Write ``accounting.json`` and print it; returns the summary's mode-specific part."""
-        rollout_infos, reward_infos = _infos(self.rollouts), _infos(self.rewards)
+        rollout_infos, reward_infos = answering_infos(self.rollouts), answering_infos(self.rewards)
         for info in rollout_infos + reward_infos:
             self._seen(info)
         self.acc.actor_restarts = self._restarts()
@@ -496,14 +492,3 @@ def _score_error(e: BaseException) -> BaseException:
         return RewardNaNError(f"reward actor returned a non-finite reward: {c}", rollout_ids=c.rollout_ids,
                               batch_ids=c.batch_ids, component=c.component)
     return e
-
-
-def _infos(actors: list) -> list[dict]:
-    """``info()`` of each actor that still answers (a dead one is skipped)."""
-    out = []
-    for a in actors:
-        try:
-            out.append(ray.get(a.info.remote(), timeout=60))
-        except Exception:  # dead, or gone with its node
-            continue
-    return out
