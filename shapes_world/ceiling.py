@@ -7,7 +7,8 @@ The first table is the evaluator's R@1 for scene descriptions with chosen attrib
 made wrong at a chosen rate; the second (with ``--captioner``) how often the captioner, teacher-
 forced, gives the true full description a higher log-probability than the same description with
 one kind of attribute made wrong (:func:`prefers_truth`): whether it grounds that kind of word,
-whatever it says when it samples. The third (with ``--binding-clip`` or ``--binding-itm``) how
+whatever it says when it samples; and how often, given the image and the true words before it, the
+true word is its most likely word of that kind (what it says of that kind on the right track). The third (with ``--binding-clip`` or ``--binding-itm``) how
 often a CLIP (a BLIP-2 ITM head) scores the true full description above the same description with
 two objects' colours (shapes, sizes, positions) swapped (:func:`binding_preference`): what a
 counterfactual-contrast reward on that model can pay for; ``--binding-captioner`` the same for a
@@ -88,10 +89,34 @@ def describe(scene: Mapping, rng: np.random.Generator, *, shape: bool = True, si
     return text + f" on a {_maybe_wrong(scene['background'], list(BACKGROUNDS), background_p, rng)} background"
 
 
-def prefers_truth(policy, pixel_values, scenes, rng: np.random.Generator) -> dict[str, float]:
+def kind_words() -> dict[str, list[str]]:
+    """The words of each kind (a key of ``WRONG``); a position is one or two of its words."""
+    return {"shape": list(SHAPES), "size": list(SIZES), "colour": list(COLORS),
+            "position": sorted({w for p in POSITIONS for w in p.split()}), "background": list(BACKGROUNDS)}
+
+
+def word_kinds(words: list[str]) -> list[str | None]:
+    """The kind (a key of ``WRONG``) of each word of a full description (:func:`describe`), None
+    for the grammar's own words ("a", "at", "the", ",", "and", "on", "background")."""
+    position_words = set(kind_words()["position"])
+    kinds: list[str | None] = []
+    for j, w in enumerate(words):
+        if j + 1 < len(words) and words[j + 1] == "background" and w in BACKGROUNDS:
+            kinds.append("background")
+        else:
+            kinds.append("shape" if w in SHAPES else "size" if w in SIZES else "colour" if w in COLORS
+                         else "position" if w in position_words else None)
+    return kinds
+
+
+def prefers_truth(policy, pixel_values, scenes, rng: np.random.Generator) -> dict[str, dict[str, float]]:
     """Per attribute kind, the share of images for which ``policy`` (a :class:`vlrm.policy.CaptionPolicy`)
     gives the true full description a higher teacher-forced log-probability than the description
-    with every word of that kind wrong (0.5: it cannot tell), and the mean gap in nats."""
+    with every word of that kind wrong (0.5: it cannot tell), the mean gap in nats, and
+    ``next_word``: the share of the true description's words of that kind that the policy, given
+    the image and the true words before them, finds the most likely of that kind's words (what it
+    says when it says a word of that kind on the right track; a much stricter test than the
+    comparison, which a wrong word anywhere in the description decides)."""
     import torch
 
     from rewards.grounded_lm import caption_tokens
@@ -102,11 +127,22 @@ def prefers_truth(policy, pixel_values, scenes, rng: np.random.Generator) -> dic
             out = policy.forward_logprobs(pixel_values, ids, mask, torch.arange(len(texts)), compute_entropy=False)
         return (out.logprobs * mask).sum(1)
 
-    truth = logprob([describe(sc, rng) for sc in scenes])
+    truths = [describe(sc, rng) for sc in scenes]
+    ids, mask = caption_tokens(policy, truths)
+    logits = policy.next_token_logits(pixel_values, ids, torch.arange(len(truths))).cpu()
+    vocab = {kind: policy.tokenizer.convert_tokens_to_ids(words) for kind, words in kind_words().items()}
+    hits: dict[str, list[bool]] = {kind: [] for kind in WRONG}
+    for row, n in zip(range(len(truths)), mask.sum(1).tolist()):
+        words = policy.tokenizer.convert_ids_to_tokens(ids[row, :n].tolist())
+        for j, kind in enumerate(word_kinds(words)):
+            if kind is not None:
+                hits[kind].append(vocab[kind][int(logits[row, j, vocab[kind]].argmax())] == int(ids[row, j]))
+    truth = logprob(truths)
     out = {}
     for kind, kw in WRONG.items():
         gap = truth - logprob([describe(sc, rng, **kw) for sc in scenes])
-        out[kind] = {"prefers_truth": float((gap > 0).float().mean()), "gap_nats": float(gap.mean())}
+        out[kind] = {"prefers_truth": float((gap > 0).float().mean()), "gap_nats": float(gap.mean()),
+                     "next_word": float(np.mean(hits[kind])) if hits[kind] else float("nan")}
     return out
 
 
@@ -393,9 +429,9 @@ def main(argv: list[str] | None = None) -> None:
         n = min(a.probe_images, len(scenes))
         probe = captioner_grounding(a.captioner, images[:n], scenes[:n], seed=a.seed)
         print(f"\n{a.captioner}, teacher-forced on {n} images: true description vs one kind of word made wrong")
-        print(f"{'wrong words':12s} {'prefers truth':>14s} {'mean gap (nats)':>16s}")
+        print(f"{'wrong words':12s} {'prefers truth':>14s} {'mean gap (nats)':>16s} {'next word right':>16s}")
         for kind, v in probe.items():
-            print(f"{kind:12s} {v['prefers_truth']:14.3f} {v['gap_nats']:16.2f}")
+            print(f"{kind:12s} {v['prefers_truth']:14.3f} {v['gap_nats']:16.2f} {v['next_word']:16.3f}")
     probes = ([(d, clip_binding) for d in a.binding_clip] + [(d, itm_binding) for d in a.binding_itm]
               + [(d, captioner_binding) for d in a.binding_captioner])
     for model_dir, probe_binding in probes:

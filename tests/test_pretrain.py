@@ -17,7 +17,7 @@ def smoke_models(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain") / "models"
     pretrain_main(["--data", str(tiny_world), "--out", str(out), "--scale", "0.004", "--threads", "2",
                    "--reward-clip-negatives", "2", "--vision-cell-loss", "0.5", "--reward-clip-cell-loss", "1",
-                   "--steps", "vision=1000"])
+                   "--captioner-cell-loss", "1", "--steps", "vision=1000"])
     return out
 
 
@@ -30,6 +30,7 @@ def test_pretrain_smoke_writes_all_models_and_metrics(smoke_models, tiny_world):
         assert name in metrics
     assert metrics["reward_clip_negatives"] == 2
     assert (metrics["vision_cell_loss"], metrics["reward_clip_cell_loss"], metrics["cell_background"]) == (0.5, 1.0, True)
+    assert metrics["captioner_cell_loss"] == 1.0
     assert metrics["steps"]["vision"] == 4 and metrics["steps"]["itm"] == 6  # 1000 and 1600, times the scale
     # ITC rank, ITM re-rank and LAVIS's ITM + ITC re-rank, each a share of the 32 test images
     assert set(metrics["reward_itm"]) == {"itc_top1", "itm_top1", "itm_itc_top1"}
@@ -44,6 +45,7 @@ def test_pretrain_smoke_writes_all_models_and_metrics(smoke_models, tiny_world):
     assert set(grounding) == {"shape", "size", "colour", "position", "background"}
     assert all(0 <= v["prefers_truth"] <= 1 and abs(v["prefers_truth"] * 32 - round(v["prefers_truth"] * 32)) < 1e-4
                for v in grounding.values())
+    assert all(0 <= v["next_word"] <= 1 for v in grounding.values())
     # the cell reader: its heads' test accuracy per attribute, and the ITM's tower as its own
     assert set(metrics["reader"]) == {"shape", "color", "size"}
     from shapes_world.reader import CellReader
@@ -368,3 +370,25 @@ def test_caption_and_lm_losses_in_length_groups_equal_one_padded_batch(tokenizer
         scale = max(float(g.abs().max()) for g in g_one.values())  # as above: some are rounding noise only
         for key, g in g_one.items():
             assert torch.allclose(g, g_grouped[key], rtol=1e-4, atol=1e-6 * scale), (name, key)
+
+
+def test_captioner_cell_loss_reaches_the_queries_only(smoke_models, tiny_world, tokenizer):
+    """``cell_loss_weight`` adds the cell-label objective on the query outputs: the same seed with
+    and without it trains the Q-Former differently, the frozen tower not at all, and the heads
+    are not part of the captioner."""
+    from shapes_world.pretrain.captioner import train_captioner
+    from shapes_world.pretrain.common import load_split
+
+    train = load_split(tiny_world / "train.parquet")
+    itm = Blip2ForImageTextRetrieval.from_pretrained(str(smoke_models / "reward_itm"))
+
+    def build(weight):
+        return train_captioner(train, tokenizer, itm.vision_model, itm, seed=0, lm_steps=2, steps=3, batch_size=8,
+                               cell_loss_weight=weight).state_dict()
+
+    plain, again, cells = build(0.0), build(0.0), build(1.0)
+    assert plain.keys() == cells.keys()  # the cell heads are not part of the captioner
+    assert all(torch.equal(plain[k], again[k]) for k in plain)  # seeded: the difference is the objective's
+    qformer = [k for k in plain if k.startswith("qformer.")]
+    assert any(not torch.equal(plain[k], cells[k]) for k in qformer)
+    assert all(torch.equal(plain[k], cells[k]) for k in plain if k.startswith("vision_model."))

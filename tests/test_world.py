@@ -381,6 +381,15 @@ def test_ceiling_descriptions_drop_and_falsify_what_they_are_told():
     assert len(VARIANTS) >= 8 and all(isinstance(kw, dict) for kw in VARIANTS.values())
 
 
+def test_word_kinds_of_a_full_description():
+    from shapes_world.ceiling import word_kinds
+
+    words = "a small red circle at the top left , a large blue cross at the center on a gray background".split()
+    assert word_kinds(words) == [None, "size", "colour", "shape", None, None, "position", "position", None,
+                                 None, "size", "colour", "shape", None, None, "position", None, None,
+                                 "background", None]
+
+
 def test_ceiling_probe_of_a_captioner(tiny_captioner_dir):
     from shapes_world.ceiling import WRONG, prefers_truth
     from shapes_world.world import sample_scene
@@ -395,9 +404,30 @@ def test_ceiling_probe_of_a_captioner(tiny_captioner_dir):
     assert set(out) == set(WRONG)
     for v in out.values():
         assert 0.0 <= v["prefers_truth"] <= 1.0 and np.isfinite(v["gap_nats"])
-    # every word it scores is in the captioner's vocabulary (none is scored as <unk>), no BOS added
-    from shapes_world.ceiling import describe
+    # next_word: the argmax of the teacher-forced logits, counted over the words of each kind
+    import torch
 
+    from rewards.grounded_lm import caption_tokens
+    from shapes_world.ceiling import describe, kind_words, word_kinds
+
+    truths = [describe(sc.to_dict(), rng) for sc in scenes]
+    ids, mask = caption_tokens(policy, truths)
+    logits = policy.next_token_logits(pixels, ids, torch.arange(len(truths)))
+    assert logits.shape == (*ids.shape, policy.lm.get_output_embeddings().weight.shape[0])
+    logp = policy.forward_logprobs(pixels, ids, mask, torch.arange(len(truths)), compute_entropy=False).logprobs
+    assert torch.allclose(torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)[mask],
+                          logp[mask], atol=1e-5)
+    for kind, words in kind_words().items():
+        kind_ids = torch.tensor(policy.tokenizer.convert_tokens_to_ids(words))
+        assert policy.tokenizer.unk_token_id not in kind_ids.tolist()
+        cells = [(r, j) for r in range(len(truths))
+                 for j, k in enumerate(word_kinds(policy.tokenizer.convert_ids_to_tokens(ids[r].tolist())))
+                 if k == kind and mask[r, j]]
+        assert cells, kind
+        # the true word beats every other word of its kind (ties count as wrong only if another wins)
+        right = [bool((logits[r, j, kind_ids] <= logits[r, j, ids[r, j]]).all()) for r, j in cells]
+        assert out[kind]["next_word"] == pytest.approx(np.mean(right)), kind
+    # every word it scores is in the captioner's vocabulary (none is scored as <unk>), no BOS added
     tok = policy.tokenizer
     for kw in [{}] + list(WRONG.values()):
         for sc in scenes:

@@ -338,18 +338,8 @@ class CaptionPolicy(PolicyWeights, nn.Module):
             :class:`PolicyForward`, each ``[B, T]`` float32, 0 where ``mask`` is False.
         """
         mask = mask.to(self.device).bool()
+        logits, hidden, feats = self._teacher_forced(pixel_values, tokens, image_index, features)
         tokens = tokens.to(self.device)
-        feats = self.image_features(pixel_values) if features is None else features
-        b, t = tokens.shape
-        index = self._expand_index(image_index, feats.shape[0], b, feats.device)
-        feats = feats[index]
-        _, prompt = self._prompt(feats)
-        q1 = prompt.shape[1]  # Q + 1: the BOS position predicts token 0
-        embeds = torch.cat([prompt, self.lm.get_input_embeddings()(tokens[:, :-1])], dim=1)
-        attention = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=attention, use_cache=False,
-                                    return_dict=True).last_hidden_state[:, q1 - 1:]  # [B, T, H]
-        logits = self.lm.get_output_embeddings()(hidden).float()
         if temperature != 1.0:
             logits = logits / float(temperature)
         if min_new_tokens > 0:
@@ -366,6 +356,30 @@ class CaptionPolicy(PolicyWeights, nn.Module):
         zero = torch.zeros((), device=logprobs.device)
         return PolicyForward(torch.where(mask, logprobs, zero), torch.where(mask, values, zero),
                              torch.where(mask, entropy, zero))
+
+    def _teacher_forced(self, pixel_values: Tensor, tokens: Tensor, image_index: Tensor | None,
+                        features: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits [B, T, V] float32, hidden [B, T, H], features [B, ...])``: position ``t``
+        predicts ``tokens[:, t]`` from the image and ``tokens[:, :t]``."""
+        tokens = tokens.to(self.device)
+        feats = self.image_features(pixel_values) if features is None else features
+        index = self._expand_index(image_index, feats.shape[0], tokens.shape[0], feats.device)
+        feats = feats[index]
+        _, prompt = self._prompt(feats)
+        q1 = prompt.shape[1]  # Q + 1: the BOS position predicts token 0
+        embeds = torch.cat([prompt, self.lm.get_input_embeddings()(tokens[:, :-1])], dim=1)
+        attention = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        hidden = self.lm.base_model(inputs_embeds=embeds, attention_mask=attention, use_cache=False,
+                                    return_dict=True).last_hidden_state[:, q1 - 1:]  # [B, T, H]
+        return self.lm.get_output_embeddings()(hidden).float(), hidden, feats
+
+    @torch.no_grad()
+    def next_token_logits(self, pixel_values: Tensor, tokens: Tensor, image_index: Tensor | None = None) -> Tensor:
+        """``FloatTensor[B, T, V]``: teacher-forced, the policy's logits for each of ``tokens``
+        ``[B, T]`` given the image and the tokens before it (what greedy decoding would pick there
+        is their argmax)."""
+        with self._eval_mode():
+            return self._teacher_forced(pixel_values, tokens, image_index, None)[0]
 
     @torch.no_grad()
     def reference_lm_logprobs(self, captions: Sequence[str], *, include_eos: bool = False, batch_size: int = 64,

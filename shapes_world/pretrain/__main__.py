@@ -41,6 +41,9 @@ REWARD_CLIP_NEGATIVES = 0
 # size read from the tower's tokens) for stage 0 and for the reward CLIP; 0: contrastive and
 # position losses only. The evaluator CLIP never gets it.
 CELL_LOSS = {"vision": 0.0, "reward_clip": 0.0}
+# Weight of the same objective on the captioner's Q-Former query outputs (read flat), beside the
+# caption loss (``captioner.train_captioner``); 0: the caption loss alone, as BLIP-2.
+CAPTIONER_CELL_LOSS = 0.0
 # How it reads the cells (``CellLabelLoss.readout``): stage 0's tokens feed the Q-Former's
 # attention, so each cell from its own patches; the reward CLIP is scored by its pooled output,
 # so from all tokens. Either way, without ``--cell-background`` the ITM on stage 0 could not
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="weight of the cell-label objective in stage 0 (clip.CellLabelLoss; 0: off)")
     p.add_argument("--reward-clip-cell-loss", type=float, default=CELL_LOSS["reward_clip"],
                    help="weight of the cell-label objective for the reward CLIP (0: off); the evaluator CLIP never gets it")
+    p.add_argument("--captioner-cell-loss", type=float, default=CAPTIONER_CELL_LOSS,
+                   help="weight of the cell-label objective on the captioner's query outputs (0: off)")
     for name in CELL_READOUT:
         p.add_argument(f"--{name.replace('_', '-')}-cell-readout", choices=("flat", "local"), default=CELL_READOUT[name],
                        help=f"how the cell-label objective reads the cells for {name} (clip.CellLabelLoss)")
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics["vision_cell_readout"] = a.vision_cell_readout
     if only & {"vision", "reward_clip"}:
         metrics["cell_background"] = a.cell_background
+    if "captioner" in only:
+        metrics["captioner_cell_loss"] = a.captioner_cell_loss
     timings: dict = metrics.get("seconds", {})
 
     from shapes_world.pretrain.clip import (CLIP_CONFIGS, CellLabelLoss, build_clip_with_positions, position_loss,
@@ -214,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     if "captioner" in only:
         t0 = time.time()
         captioner = train_captioner(train, tokenizer, vision, itm, seed=SEEDS["captioner"], lm_steps=steps["lm"],
-                                    steps=steps["captioner"])
+                                    steps=steps["captioner"], cell_loss_weight=a.captioner_cell_loss)
         save_blip2(captioner, tokenizer, out / "captioner")
         timings["captioner"] = time.time() - t0
 
@@ -275,7 +282,8 @@ def evaluate_saved_captioner(captioner_dir: Path, evaluator_dir: Path, split: Pa
 def captioner_grounding(captioner_dir: Path, split: Path, images: int = 300) -> dict:
     """``shapes_world.ceiling.captioner_grounding`` on the split's first ``images`` images: per kind
     of word, how often the captioner, teacher-forced, prefers the true full description to the same
-    one with that kind of word made wrong (0.5: it cannot tell)."""
+    one with that kind of word made wrong (0.5: it cannot tell), and how often that word of the
+    true description is its most likely next token (``next_word``)."""
     from shapes_world.ceiling import captioner_grounding as grounding
     from vlrm.data import open_split
 

@@ -82,7 +82,11 @@ def caption_loss(model: Blip2ForConditionalGeneration, img_embeds: torch.Tensor,
 
 def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, itm: Blip2ForImageTextRetrieval, *, seed: int,
                     lm_steps: int, steps: int, batch_size: int = 128, lr: float = 1e-3,
-                    train_lm: bool = True) -> Blip2ForConditionalGeneration:
+                    train_lm: bool = True, cell_loss_weight: float = 0.0) -> Blip2ForConditionalGeneration:
+    """BLIP-2 stage 2 (module docstring). ``cell_loss_weight`` > 0 adds the cell-label objective
+    (``shapes_world.cells.cell_loss``, every grid cell's shape, colour, size and the background,
+    read by linear heads from all the query outputs, discarded after training): the queries must
+    then carry what each cell holds, not only what the human captions mention."""
     config = captioner_config(tokenizer, image_size=train.images.shape[-1])
     texts = [t for caps in train.captions for t in caps] + [t for alts in train.alt_texts for t in alts]
     lm = pretrain_lm(texts, tokenizer, config, seed=seed, steps=lm_steps)
@@ -99,6 +103,14 @@ def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, it
     ids_all, labels_all = caption_ids(tokenizer, [c for caps in train.captions for c in caps])
     ids_all, labels_all = ids_all.view(n, k, -1), labels_all.view(n, k, -1)
     params = [p for p in model.parameters() if p.requires_grad]
+    heads, cell_labels = None, None
+    if cell_loss_weight > 0:
+        from shapes_world.cells import WITH_BACKGROUND, cell_heads, labels_with_background
+
+        q = model.query_tokens.shape[1]
+        heads = cell_heads(q * config.qformer_config.hidden_size, attributes=WITH_BACKGROUND)
+        cell_labels = labels_with_background(train.scenes)
+        params += list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     progress = Progress("captioner", steps)
     model.train()
@@ -108,6 +120,11 @@ def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, it
         ids, labels = ids_all[rows, which], labels_all[rows, which]
         loss = _grouped_mean(lambda r: caption_loss(model, embeds[rows[r]], *_batch(ids, labels, r), tokenizer.pad_token_id),
                              labels, torch.arange(batch_size))
+        if heads is not None:
+            from shapes_world.cells import cell_loss
+
+            loss = loss + cell_loss_weight * cell_loss(heads, query_outputs(model, embeds[rows]).flatten(1),
+                                                       cell_labels, rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
