@@ -7,10 +7,11 @@ The first table is the evaluator's R@1 for scene descriptions with chosen attrib
 made wrong at a chosen rate; the second (with ``--captioner``) how often the captioner, teacher-
 forced, gives the true full description a higher log-probability than the same description with
 one kind of attribute made wrong (:func:`prefers_truth`): whether it grounds that kind of word,
-whatever it says when it samples; and how often, given the image and the true words before it, the
-true word is its most likely word of that kind (what it says of that kind on the right track). The third (with ``--binding-clip`` or ``--binding-itm``) how
-often a CLIP (a BLIP-2 ITM head) scores the true full description above the same description with
-two objects' colours (shapes, sizes, positions) swapped (:func:`binding_preference`): what a
+whatever it says when it samples; and how often, given the image and the true words before it,
+the true word is its most likely word of that kind (what it says of that kind on the right
+track). The third (with ``--binding-clip`` or ``--binding-itm``) how often a CLIP (a BLIP-2 ITM
+head) scores the true full description above the same description with two objects' colours
+(shapes, sizes, positions) swapped (:func:`binding_preference`): what a
 counterfactual-contrast reward on that model can pay for; ``--binding-captioner`` the same for a
 captioner's log-likelihood of the text. The fourth (with ``--phrase-clip`` or ``--phrase-itm``)
 the same, and for one object's attribute made wrong, with the description scored whole, by its

@@ -282,8 +282,8 @@ def evaluate_saved_captioner(captioner_dir: Path, evaluator_dir: Path, split: Pa
 def captioner_grounding(captioner_dir: Path, split: Path, images: int = 300) -> dict:
     """``shapes_world.ceiling.captioner_grounding`` on the split's first ``images`` images: per kind
     of word, how often the captioner, teacher-forced, prefers the true full description to the same
-    one with that kind of word made wrong (0.5: it cannot tell), and how often that word of the
-    true description is its most likely next token (``next_word``)."""
+    one with that kind of word made wrong (0.5: it cannot tell), and how often, on the true
+    description's track, the true word is its likeliest word of that kind (``next_word``)."""
     from shapes_world.ceiling import captioner_grounding as grounding
     from vlrm.data import open_split
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2VisionModel, OPTForCausalLM, PreTrainedTokenizerBase
 
+from shapes_world.cells import WITH_BACKGROUND, cell_heads, cell_loss, labels_with_background
 from shapes_world.models import captioner_config
 from shapes_world.pretrain.common import LENGTH_GROUPS, Progress, SplitTensors, cosine_steps, query_outputs, seed_everything, vision_embeds
 from vlrm.length_groups import length_groups
@@ -105,8 +106,6 @@ def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, it
     params = [p for p in model.parameters() if p.requires_grad]
     heads, cell_labels = None, None
     if cell_loss_weight > 0:
-        from shapes_world.cells import WITH_BACKGROUND, cell_heads, labels_with_background
-
         q = model.query_tokens.shape[1]
         heads = cell_heads(q * config.qformer_config.hidden_size, attributes=WITH_BACKGROUND)
         cell_labels = labels_with_background(train.scenes)
@@ -121,8 +120,6 @@ def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, it
         loss = _grouped_mean(lambda r: caption_loss(model, embeds[rows[r]], *_batch(ids, labels, r), tokenizer.pad_token_id),
                              labels, torch.arange(batch_size))
         if heads is not None:
-            from shapes_world.cells import cell_loss
-
             loss = loss + cell_loss_weight * cell_loss(heads, query_outputs(model, embeds[rows]).flatten(1),
                                                        cell_labels, rows)
         opt.zero_grad(set_to_none=True)
