@@ -126,11 +126,14 @@ def prefers_truth(policy, pixel_values, scenes, rng: np.random.Generator) -> dic
         ids, mask = caption_tokens(policy, texts)
         with torch.no_grad():
             out = policy.forward_logprobs(pixel_values, ids, mask, torch.arange(len(texts)), compute_entropy=False)
-        return (out.logprobs * mask).sum(1)
+        return (out.logprobs * mask).sum(1).cpu()
 
     truths = [describe(sc, rng) for sc in scenes]
     ids, mask = caption_tokens(policy, truths)
-    logits = policy.next_token_logits(pixel_values, ids, torch.arange(len(truths))).cpu()
+    with torch.no_grad():
+        logits = policy.next_token_logits(pixel_values, ids, torch.arange(len(truths))).cpu()
+    # the truths' log-probs from the same logits (one pass over them, not two)
+    truth = (torch.log_softmax(logits, -1).gather(-1, ids.cpu().unsqueeze(-1)).squeeze(-1) * mask.cpu()).sum(1)
     vocab = {kind: policy.tokenizer.convert_tokens_to_ids(words) for kind, words in kind_words().items()}
     hits: dict[str, list[bool]] = {kind: [] for kind in WRONG}
     for row, n in zip(range(len(truths)), mask.sum(1).tolist()):
@@ -138,7 +141,6 @@ def prefers_truth(policy, pixel_values, scenes, rng: np.random.Generator) -> dic
         for j, kind in enumerate(word_kinds(words)):
             if kind is not None:
                 hits[kind].append(vocab[kind][int(logits[row, j, vocab[kind]].argmax())] == int(ids[row, j]))
-    truth = logprob(truths)
     out = {}
     for kind, kw in WRONG.items():
         gap = truth - logprob([describe(sc, rng, **kw) for sc in scenes])

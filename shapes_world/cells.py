@@ -102,19 +102,37 @@ def fit_heads(heads: nn.ModuleDict, x: torch.Tensor, labels: dict, *, steps: int
     return heads
 
 
+def token_position_loss(position_head: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each token's own index ``[0, T)``, read back by ``position_head`` from
+    tokens ``[B, T, D]``: a tower trained on it keeps its tokens' places, which a Q-Former reading
+    them by attention needs (``pretrain.vision``)."""
+    logits = position_head(tokens)  # [B, T, T]
+    target = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
 def train_tower(tower, heads: nn.ModuleDict, images_u8: torch.Tensor, labels: dict, *, steps: int, batch: int = 256,
-                lr: float = 1e-3, warmup: int = 50, generator: torch.Generator | None = None) -> None:
+                lr: float = 1e-3, warmup: int = 50, generator: torch.Generator | None = None,
+                local_heads: nn.ModuleDict | None = None, position_head: nn.Linear | None = None) -> None:
     """AdamW on :func:`cell_loss`, the ``tower`` (a ``Blip2VisionModel``) and flat ``heads`` (on
     all its tokens) trained together on images ``[N, 3, S, S]`` uint8 and their cell ``labels``:
-    how ``probe.supervised_tower`` and a reader with its own tower (``reader.train_reader``) learn."""
+    how ``probe.supervised_tower`` and a reader with its own tower (``reader.train_reader``) learn.
+    ``local_heads`` (:func:`readout_heads` ``"local"``) add the same loss read from each cell's own
+    patches, ``position_head`` :func:`token_position_loss`: what a Q-Former needs of the tower."""
     from shapes_world.pretrain.common import cosine_steps, normalize
 
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.05)
+    extra = [m for m in (local_heads, position_head) if m is not None]
+    params = [p for m in (tower, heads, *extra) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     tower.train()
     for _ in cosine_steps(opt, steps, lr, warmup):
         rows = torch.randint(0, len(images_u8), (batch,), generator=generator)
-        tokens = tower(pixel_values=normalize(images_u8[rows])).last_hidden_state.flatten(1)
-        loss = cell_loss(heads, tokens, labels, rows)
+        out = tower(pixel_values=normalize(images_u8[rows])).last_hidden_state
+        loss = cell_loss(heads, out.flatten(1), labels, rows)
+        if local_heads is not None:
+            loss = loss + cell_loss(local_heads, local_cell_features(out), labels, rows)
+        if position_head is not None:
+            loss = loss + token_position_loss(position_head, out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

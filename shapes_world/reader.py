@@ -178,12 +178,15 @@ def fit_reader(tower, images_u8: torch.Tensor, scenes: list[dict], *, readout: s
 
 
 def train_reader(images_u8: torch.Tensor, scenes: list[dict], *, steps: int, patch_size: int | None = None,
-                 batch: int = 256, lr: float = 1e-3, seed: int = 0) -> CellReader:
+                 batch: int = 256, lr: float = 1e-3, seed: int = 0, for_qformer: bool = False) -> CellReader:
     """A reader with its own tower: a fresh ``Blip2VisionModel`` (``models.vision_config``, the
     stage-0 tower's class and size) trained ``steps`` together with flat heads on the cell labels
     of ``scenes`` (background included; ``cells.train_tower``), images ``[N, 3, S, S]`` uint8.
     A tower trained for reading reads shapes better than one trained for the captioner
-    (BENCHMARKS.md, "What limits the truth of the tuned captions?")."""
+    (BENCHMARKS.md, "What limits the truth of the tuned captions?"). ``for_qformer``: the tower
+    also learns to keep each cell's facts in its own patches and each token's position (local
+    heads and a position head, discarded after training), as stage 0 does for the Q-Former that
+    reads it, so that a captioner can be built on it too."""
     from transformers import Blip2VisionModel
 
     from shapes_world.cells import train_tower
@@ -194,10 +197,16 @@ def train_reader(images_u8: torch.Tensor, scenes: list[dict], *, steps: int, pat
     tower = Blip2VisionModel(vision_config(images_u8.shape[-1], patch_size or PATCH_SIZE))
     dim = tower.embeddings.num_positions * tower.config.hidden_size
     heads = readout_heads(dim, "flat", WITH_BACKGROUND)
-    train_tower(tower, heads, images_u8, labels_with_background(scenes), steps=steps, batch=batch, lr=lr, generator=gen)
+    local_heads = position_head = None
+    if for_qformer:
+        width = tower.config.hidden_size
+        local_heads = readout_heads(width, "local", WITH_BACKGROUND)
+        position_head = torch.nn.Linear(width, tower.embeddings.num_positions)
+    train_tower(tower, heads, images_u8, labels_with_background(scenes), steps=steps, batch=batch, lr=lr, generator=gen,
+                local_heads=local_heads, position_head=position_head)
     # The heads were trained on the raw tokens: the identity normalisation.
     return CellReader(tower, heads, torch.zeros(dim), torch.ones(dim), readout="flat",
-                      info={"tower": "own", "steps": steps, "trained_on": len(scenes)})
+                      info={"tower": "own", "steps": steps, "trained_on": len(scenes), "for_qformer": for_qformer})
 
 
 # ---------------------------------------------------------------- a claim's probability

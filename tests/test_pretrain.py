@@ -1,5 +1,6 @@
 """Pretraining end to end at smoke scale, and save/load round trips of every model kind."""
 import json
+import math
 import shutil
 
 import open_clip
@@ -81,6 +82,40 @@ def test_pretrain_rebuilds_only_the_reader_with_its_own_tower(smoke_models, tiny
     assert not torch.equal(itm.vision_model.state_dict()[key].half().float(), reader.tower.state_dict()[key])
 
 
+def test_pretrain_builds_the_captioner_on_the_readers_own_tower(smoke_models, tiny_world, tmp_path):
+    """``--captioner-tower reader``: the reader's own tower, trained also for a Q-Former, is the
+    captioner's frozen tower; the ITM keeps stage 0's."""
+    out = tmp_path / "models"
+    shutil.copytree(smoke_models, out)
+    pretrain_main(["--data", str(tiny_world), "--out", str(out), "--scale", "0.004", "--threads", "2",
+                   "--only", "reader,captioner", "--reader-tower", "own", "--captioner-tower", "reader"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["captioner_tower"] == "reader" and metrics["reader_tower"] == "own"
+    from shapes_world.reader import CellReader
+
+    reader = CellReader.load(out / "reader")
+    assert reader.info["for_qformer"] is True and set(reader.heads) == {"shape", "color", "size", "background"}
+    captioner = Blip2ForConditionalGeneration.from_pretrained(str(out / "captioner"))
+    itm = Blip2ForImageTextRetrieval.from_pretrained(str(out / "reward_itm"))
+    key = "embeddings.patch_embedding.weight"
+    for k, v in reader.tower.state_dict().items():  # both stored in float16
+        torch.testing.assert_close(captioner.vision_model.state_dict()[k], v, atol=1e-3, rtol=1e-3)
+    assert not torch.equal(itm.vision_model.state_dict()[key], captioner.vision_model.state_dict()[key])
+
+
+def test_token_position_loss_by_hand():
+    from shapes_world.cells import token_position_loss
+
+    head = torch.nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(3))
+    tokens = 10 * torch.eye(3).expand(2, 3, 3)  # token t is 10 on axis t: the head reads index t at logit 10
+    assert token_position_loss(head, tokens).item() == pytest.approx(math.log(1 + 2 * math.exp(-10)), abs=1e-6)
+    # each token carrying the next one's index: every token read one place off, at a cost of about 10 nats
+    assert token_position_loss(head, tokens.roll(1, dims=1)).item() == pytest.approx(10 + math.log(1 + 2 * math.exp(-10)),
+                                                                                     rel=1e-5)
+
+
 def test_cell_label_objective_rejects_an_unknown_readout():
     with pytest.raises(ValueError, match="readout must be one of"):
         from shapes_world.pretrain.clip import CellLabelLoss
@@ -98,11 +133,12 @@ def test_pretrain_cli_rejects_a_bad_step_override(tmp_path, capsys, steps, messa
 
 @pytest.mark.parametrize("only, message", [("reward_clip,eval_clip", "has no captioner to read"),
                                            ("captioner", "has no eval_clip, reward_itm to read"),
+                                           ("captioner --captioner-tower reader", "has no eval_clip, reader, reward_itm"),
                                            ("vision,reward_itm", "has no captioner, eval_clip to read")])
 def test_pretrain_cli_names_the_models_it_would_read_and_cannot(tmp_path, capsys, only, message):
     """A partial rebuild into a folder without the models it reads stops before any training."""
     with pytest.raises(SystemExit) as ei:
-        pretrain_main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--only", only])
+        pretrain_main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--only", *only.split()])
     assert ei.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
 
@@ -341,9 +377,11 @@ def test_cell_label_objective_trains_the_tower_and_leaves_a_plain_model(tiny_wor
 
 def test_caption_and_lm_losses_in_length_groups_equal_one_padded_batch(tokenizer):
     """The captioner and its LM train on length groups of captions: the loss (mean over caption
-    tokens) and its gradients must be those of the whole padded batch."""
+    tokens) and its gradients must be those of the whole padded batch, whether the Q-Former runs
+    per group (caption loss alone) or once for the batch (beside the cell-label objective)."""
     from shapes_world.models import captioner_config
     from shapes_world.pretrain.captioner import _batch, _grouped_mean, _lm_loss, caption_ids, caption_loss
+    from shapes_world.pretrain.common import query_outputs
 
     texts = ["a square", "two shapes", "a small red circle at the top left and a large blue cross on the right",
              "a circle and a square", "a triangle", "a large green triangle on a white background"]
@@ -352,7 +390,8 @@ def test_caption_and_lm_losses_in_length_groups_equal_one_padded_batch(tokenizer
     img = torch.randn(len(texts), 17, 128, generator=torch.Generator().manual_seed(1))
     pad = tokenizer.pad_token_id
     losses = {
-        "caption": lambda m, r: caption_loss(m, img[r], *_batch(ids, labels, r), pad),
+        "caption": lambda m, r: caption_loss(m, query_outputs(m, img[r]), *_batch(ids, labels, r), pad),
+        "caption, queries once": lambda m, r: caption_loss(m, query_outputs(m, img)[r], *_batch(ids, labels, r), pad),
         "lm": lambda m, r: _lm_loss(m.language_model, *_batch(ids, labels, r), pad),
     }
     for name, loss_of in losses.items():

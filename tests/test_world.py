@@ -404,11 +404,26 @@ def test_ceiling_probe_of_a_captioner(tiny_captioner_dir):
     assert set(out) == set(WRONG)
     for v in out.values():
         assert 0.0 <= v["prefers_truth"] <= 1.0 and np.isfinite(v["gap_nats"])
-    # next_word: the argmax of the teacher-forced logits, counted over the words of each kind
+    # the comparison, recomputed with forward_logprobs on the same descriptions (the same draws)
     import torch
 
     from rewards.grounded_lm import caption_tokens
-    from shapes_world.ceiling import describe, kind_words, word_kinds
+    from shapes_world.ceiling import describe
+
+    def summed_logprob(texts):
+        ids, mask = caption_tokens(policy, texts)
+        lp = policy.forward_logprobs(pixels, ids, mask, torch.arange(len(texts)), compute_entropy=False).logprobs
+        return (lp * mask).sum(1).detach()
+
+    again = np.random.default_rng(0)
+    assert [sample_scene(again).to_dict() for _ in range(6)] == [sc.to_dict() for sc in scenes]
+    truth = summed_logprob([describe(sc.to_dict(), again) for sc in scenes])
+    for kind, kw in WRONG.items():
+        gap = truth - summed_logprob([describe(sc.to_dict(), again, **kw) for sc in scenes])
+        assert out[kind]["gap_nats"] == pytest.approx(float(gap.mean()), abs=1e-4), kind
+        assert out[kind]["prefers_truth"] == pytest.approx(float((gap > 0).float().mean())), kind
+    # next_word: the argmax of the teacher-forced logits, counted over the words of each kind
+    from shapes_world.ceiling import kind_words, word_kinds
 
     truths = [describe(sc.to_dict(), rng) for sc in scenes]
     ids, mask = caption_tokens(policy, truths)

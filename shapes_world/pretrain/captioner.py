@@ -71,10 +71,11 @@ def pretrain_lm(texts: list[str], tokenizer, config, *, seed: int, steps: int, b
     return lm
 
 
-def caption_loss(model: Blip2ForConditionalGeneration, img_embeds: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
+def caption_loss(model: Blip2ForConditionalGeneration, queries: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
                  pad_id: int) -> torch.Tensor:
-    """MLE loss of captions given precomputed vision-tower outputs (the vision tower is frozen)."""
-    prefix = model.language_projection(query_outputs(model, img_embeds))
+    """MLE loss of captions given the Q-Former's query outputs ``[B, Q, H]`` (``common.query_outputs``
+    of the frozen vision tower's outputs)."""
+    prefix = model.language_projection(queries)
     embeds = torch.cat([prefix, model.get_input_embeddings()(ids)], dim=1)
     mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), (ids != pad_id).long()], dim=1)
     logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits[:, prefix.shape[1] - 1: -1]
@@ -117,11 +118,15 @@ def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, it
         rows = torch.randint(0, n, (batch_size,), generator=gen)
         which = torch.randint(0, k, (batch_size,), generator=gen)
         ids, labels = ids_all[rows, which], labels_all[rows, which]
-        loss = _grouped_mean(lambda r: caption_loss(model, embeds[rows[r]], *_batch(ids, labels, r), tokenizer.pad_token_id),
-                             labels, torch.arange(batch_size))
-        if heads is not None:
-            loss = loss + cell_loss_weight * cell_loss(heads, query_outputs(model, embeds[rows]).flatten(1),
-                                                       cell_labels, rows)
+        if heads is None:  # the Q-Former run per length group, with its captions
+            loss = _grouped_mean(lambda r: caption_loss(model, query_outputs(model, embeds[rows[r]]),
+                                                        *_batch(ids, labels, r), tokenizer.pad_token_id),
+                                 labels, torch.arange(batch_size))
+        else:  # once for the batch: the cell heads read the same query outputs the captions are given
+            queries = query_outputs(model, embeds[rows])
+            loss = _grouped_mean(lambda r: caption_loss(model, queries[r], *_batch(ids, labels, r), tokenizer.pad_token_id),
+                                 labels, torch.arange(batch_size))
+            loss = loss + cell_loss_weight * cell_loss(heads, queries.flatten(1), cell_labels, rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -67,10 +67,9 @@ def position_loss(model, rows: torch.Tensor | None = None) -> torch.Tensor:
     from the tokens of the last ``encode_image`` (all of them, [CLS] included). Works for the
     stage-0 tower (``vision.Blip2VisionTower``) and for an open_clip ViT given a head by
     :func:`add_position_head`. ``rows`` (the batch's scenes) is not needed."""
-    tower = model.visual
-    logits = tower.position_head(tower.tokens)  # [B, T, T]
-    target = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+    from shapes_world.cells import token_position_loss
+
+    return token_position_loss(model.visual.position_head, model.visual.tokens)
 
 
 def add_position_head(model):
