@@ -130,8 +130,7 @@ def prefers_truth(policy, pixel_values, scenes, rng: np.random.Generator) -> dic
 
     truths = [describe(sc, rng) for sc in scenes]
     ids, mask = caption_tokens(policy, truths)
-    with torch.no_grad():
-        logits = policy.next_token_logits(pixel_values, ids, torch.arange(len(truths))).cpu()
+    logits = policy.next_token_logits(pixel_values, ids, torch.arange(len(truths))).cpu()  # under no_grad
     # the truths' log-probs from the same logits (one pass over them, not two)
     truth = (torch.log_softmax(logits, -1).gather(-1, ids.cpu().unsqueeze(-1)).squeeze(-1) * mask.cpu()).sum(1)
     vocab = {kind: policy.tokenizer.convert_tokens_to_ids(words) for kind, words in kind_words().items()}

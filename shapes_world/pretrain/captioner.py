@@ -118,14 +118,16 @@ def train_captioner(train: SplitTensors, tokenizer, vision: Blip2VisionModel, it
         rows = torch.randint(0, n, (batch_size,), generator=gen)
         which = torch.randint(0, k, (batch_size,), generator=gen)
         ids, labels = ids_all[rows, which], labels_all[rows, which]
-        if heads is None:  # the Q-Former run per length group, with its captions
-            loss = _grouped_mean(lambda r: caption_loss(model, query_outputs(model, embeds[rows[r]]),
-                                                        *_batch(ids, labels, r), tokenizer.pad_token_id),
-                                 labels, torch.arange(batch_size))
-        else:  # once for the batch: the cell heads read the same query outputs the captions are given
-            queries = query_outputs(model, embeds[rows])
-            loss = _grouped_mean(lambda r: caption_loss(model, queries[r], *_batch(ids, labels, r), tokenizer.pad_token_id),
-                                 labels, torch.arange(batch_size))
+        # The Q-Former runs per length group with its captions, or, when the cell heads read its
+        # outputs too, once for the batch.
+        queries = None if heads is None else query_outputs(model, embeds[rows])
+
+        def queries_of(r: torch.Tensor) -> torch.Tensor:
+            return query_outputs(model, embeds[rows[r]]) if queries is None else queries[r]
+
+        loss = _grouped_mean(lambda r: caption_loss(model, queries_of(r), *_batch(ids, labels, r), tokenizer.pad_token_id),
+                             labels, torch.arange(batch_size))
+        if heads is not None:
             loss = loss + cell_loss_weight * cell_loss(heads, queries.flatten(1), cell_labels, rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
