@@ -115,6 +115,26 @@ def test_a_fitted_reader_reads_its_training_scenes_and_survives_a_round_trip(tin
         torch.testing.assert_close(p.sum(-1), torch.ones(3, 9))
 
 
+def test_tuning_trains_a_copy_of_a_readers_own_tower_for_reading_alone(tiny_world, tiny_reader_dir):
+    from shapes_world.pretrain.common import load_split
+    from shapes_world.reader import CellReader, train_reader, tune_reader
+
+    train = load_split(tiny_world / "train.parquet")
+    for_qformer = train_reader(train.images, train.scenes, steps=30, batch=32, for_qformer=True)
+    weight = for_qformer.tower.embeddings.patch_embedding.weight.clone()
+    before = for_qformer.accuracy(train.images, train.scenes)
+    tuned = tune_reader(for_qformer, train.images, train.scenes, steps=50, batch=32)
+    after = tuned.accuracy(train.images, train.scenes)
+    assert torch.equal(for_qformer.tower.embeddings.patch_embedding.weight, weight)  # the given reader is left as it was
+    assert not torch.equal(tuned.tower.embeddings.patch_embedding.weight, weight)
+    assert tuned.info["tuned_steps"] == 50 and tuned.info["for_qformer"] and tuned.readout == "flat"
+    assert not any(p.requires_grad for p in tuned.tower.parameters())  # frozen again, as a reader is
+    for a in ("shape", "color", "size"):
+        assert after[a]["occupied_acc"] > max(0.9, before[a]["occupied_acc"]), (a, before, after)
+    with pytest.raises(ValueError, match="needs a reader with its own tower"):
+        tune_reader(CellReader.load(tiny_reader_dir), train.images, train.scenes, steps=2)
+
+
 def test_a_reader_with_its_own_tower_learns_the_cells_and_survives_a_round_trip(tiny_world, tmp_path):
     from shapes_world.pretrain.common import load_split
     from shapes_world.reader import CellReader, train_reader

@@ -103,6 +103,68 @@ def test_pretrain_builds_the_captioner_on_the_readers_own_tower(smoke_models, ti
     assert not torch.equal(itm.vision_model.state_dict()[key], captioner.vision_model.state_dict()[key])
 
 
+TUNED = ["--reader-tower", "own", "--captioner-tower", "reader", "--captioner-cell-loss", "1", "--steps", "reader_tune=1000"]
+
+
+@pytest.fixture(scope="module")
+def side_by_side(tiny_world, tmp_path_factory):
+    """The same build twice: its stages one after the other on one thread, and in two groups side
+    by side (``--jobs 2``: one thread each, then the captioner on two)."""
+    root = tmp_path_factory.mktemp("jobs")
+    for name, extra in (("serial", ["--threads", "1"]), ("jobs", ["--threads", "2", "--jobs", "2"])):
+        pretrain_main(["--data", str(tiny_world), "--out", str(root / name), "--scale", "0.004", *extra, *TUNED])
+    return root / "serial", root / "jobs"
+
+
+def test_stages_side_by_side_build_what_they_build_one_after_the_other(side_by_side):
+    serial, jobs = side_by_side
+    # every stage seeds itself, so its process does not matter: the same bytes at the same threads
+    for path in ("reward_clip/open_clip_model.safetensors", "eval_clip/open_clip_model.safetensors",
+                 "reward_itm/model.safetensors", "reader/heads.safetensors", "reader/vision/model.safetensors",
+                 "captioner_tower/model.safetensors"):
+        assert (serial / path).read_bytes() == (jobs / path).read_bytes(), path
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in side_by_side)
+    assert a.keys() == b.keys() and a["reward_itm"] == b["reward_itm"] and a["reader"] == b["reader"]
+    assert set(b["seconds"]) == {"reward_clip", "eval_clip", "vision", "reward_itm", "reader", "captioner", "total"}
+    assert b["steps"]["reader_tune"] == 4 and a["steps"]["reader_tune"] == 4  # 1000 times the scale
+
+
+def test_the_captioner_keeps_the_tower_the_reader_had_before_tuning(side_by_side, tiny_world, tmp_path):
+    """``reader_tune``: the reader's own tower, trained for a Q-Former, is saved for the captioner
+    (``captioner_tower``), then trained on for reading alone; a later captioner rebuild reads it
+    from there, and says what to do when it is gone."""
+    from shapes_world.pretrain.stages import load_vision
+    from shapes_world.reader import CellReader
+
+    out = tmp_path / "models"
+    shutil.copytree(side_by_side[1], out)
+    reader = CellReader.load(out / "reader")
+    assert reader.info["tuned_steps"] == 4 and reader.info["for_qformer"] is True
+    tower = load_vision(out / "captioner_tower").state_dict()
+    captioner = Blip2ForConditionalGeneration.from_pretrained(str(out / "captioner")).vision_model.state_dict()
+    assert all(torch.equal(captioner[k], v) for k, v in tower.items())
+    key = "embeddings.patch_embedding.weight"
+    assert not torch.equal(reader.tower.state_dict()[key], tower[key])
+    pretrain_main(["--data", str(tiny_world), "--out", str(out), "--scale", "0.004", "--only", "captioner", *TUNED])
+    again = Blip2ForConditionalGeneration.from_pretrained(str(out / "captioner")).vision_model.state_dict()
+    assert all(torch.equal(again[k], v) for k, v in tower.items())
+    shutil.rmtree(out / "captioner_tower")
+    with pytest.raises(FileNotFoundError, match="rebuild with --only reader,captioner"):
+        pretrain_main(["--data", str(tiny_world), "--out", str(out), "--scale", "0.004", "--only", "captioner", *TUNED])
+
+
+def test_itm_ranking_scores_many_shortlists_in_one_forward_as_one_at_a_time(tiny_itm_dir, tiny_world, tokenizer):
+    from shapes_world.pretrain.common import load_split
+    from shapes_world.pretrain.itm import itm_rank_accuracy
+
+    test = load_split(tiny_world / "test.parquet")
+    model = Blip2ForImageTextRetrieval.from_pretrained(str(tiny_itm_dir)).eval()
+    texts = [a[0] for a in test.alt_texts]
+    one_at_a_time = itm_rank_accuracy(model, tokenizer, test.images, texts, shortlist=8, batch=8)
+    assert itm_rank_accuracy(model, tokenizer, test.images, texts, shortlist=8, batch=64) == one_at_a_time
+    assert 0 < one_at_a_time["itm_top1"] < 1  # an untrained ITM: some own texts first, not all
+
+
 def test_token_position_loss_by_hand():
     from shapes_world.cells import token_position_loss
 

@@ -170,9 +170,13 @@ def itm_rank_accuracy(model, tokenizer, images_u8: torch.Tensor, texts: list[str
     itc_top1 = (sim.argmax(1) == torch.arange(len(texts))).float().mean().item()
     top_sim, top = sim.topk(shortlist, dim=1)  # [N, s]
     hits_itm = hits_sum = 0
-    for i in range(len(texts)):
-        cand = top[i]
-        logits = itm_logits(model, emb[i:i + 1].expand(shortlist, -1, -1), enc.input_ids[cand], enc.attention_mask[cand])[:, 1]
-        hits_itm += int(cand[logits.argmax()] == i)
-        hits_sum += int(cand[(logits + top_sim[i]).argmax()] == i)
+    per_call = max(1, batch // shortlist)  # images whose shortlists one ITM forward scores
+    for i in range(0, len(texts), per_call):
+        cand = top[i:i + per_call]  # [c, s]
+        c = len(cand)
+        logits = itm_logits(model, emb[i:i + c].repeat_interleave(shortlist, 0), enc.input_ids[cand.flatten()],
+                            enc.attention_mask[cand.flatten()])[:, 1].view(c, shortlist)
+        own = torch.arange(i, i + c).unsqueeze(1)
+        hits_itm += int((cand.gather(1, logits.argmax(1, keepdim=True)) == own).sum())
+        hits_sum += int((cand.gather(1, (logits + top_sim[i:i + c]).argmax(1, keepdim=True)) == own).sum())
     return {"itc_top1": itc_top1, "itm_top1": hits_itm / len(texts), "itm_itc_top1": hits_sum / len(texts)}
