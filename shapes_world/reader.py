@@ -122,9 +122,7 @@ class CellReader:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        # float16 on disk, as the CLIPs are (the committed models stay under 40 MB); float32 in use
-        half = {k: v.half() for k, v in self.tower.state_dict().items()}
-        self.tower.save_pretrained(path / "vision", state_dict=half, safe_serialization=True)
+        save_tower(self.tower, path / "vision")
         tensors = {f"{a}.{k}": v for a, h in self.heads.items() for k, v in h.state_dict().items()}
         tensors |= {"mean": self.mean, "std": self.std}
         save_file({k: v.detach().cpu().half().contiguous() for k, v in tensors.items()}, str(path / HEADS_FILE))
@@ -134,7 +132,6 @@ class CellReader:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", unbound: bool = True) -> CellReader:
         from safetensors.torch import load_file
-        from transformers import Blip2VisionModel
 
         path = Path(path)
         if not (path / READER_FILE).is_file():
@@ -145,13 +142,25 @@ class CellReader:
         if attributes != WITH_BACKGROUND:
             raise ValueError(f"{path / READER_FILE}: attributes {attributes} are not this world's {WITH_BACKGROUND}")
         tensors = {k: v.float() for k, v in load_file(str(path / HEADS_FILE)).items()}
-        tower = Blip2VisionModel.from_pretrained(str(path / "vision"), dtype=torch.float32)
+        tower = load_tower(path / "vision")
         dim = tensors["shape.weight"].shape[1]
         heads = readout_heads(dim, meta["readout"], WITH_BACKGROUND)
         heads.load_state_dict({k: v for k, v in tensors.items() if k not in ("mean", "std")})
         info = {k: v for k, v in meta.items() if k not in ("readout", "attributes")}
         return cls(tower, heads, tensors["mean"], tensors["std"], readout=meta["readout"], info=info, device=device,
                    unbound=unbound)
+
+
+def save_tower(tower, path: str | Path) -> None:
+    """A ``Blip2VisionModel`` in float16 safetensors, as the CLIPs are stored (the committed models
+    stay under 40 MB); :func:`load_tower` reads it back in float32."""
+    tower.save_pretrained(path, state_dict={k: v.half() for k, v in tower.state_dict().items()}, safe_serialization=True)
+
+
+def load_tower(path: str | Path):
+    from transformers import Blip2VisionModel
+
+    return Blip2VisionModel.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 def fit_reader(tower, images_u8: torch.Tensor, scenes: list[dict], *, readout: str = "flat", steps: int = 1500,

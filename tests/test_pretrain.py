@@ -133,14 +133,13 @@ def test_the_captioner_keeps_the_tower_the_reader_had_before_tuning(side_by_side
     """``reader_tune``: the reader's own tower, trained for a Q-Former, is saved for the captioner
     (``captioner_tower``), then trained on for reading alone; a later captioner rebuild reads it
     from there, and says what to do when it is gone."""
-    from shapes_world.pretrain.stages import load_vision
-    from shapes_world.reader import CellReader
+    from shapes_world.reader import CellReader, load_tower
 
     out = tmp_path / "models"
     shutil.copytree(side_by_side[1], out)
     reader = CellReader.load(out / "reader")
     assert reader.info["tuned_steps"] == 4 and reader.info["for_qformer"] is True
-    tower = load_vision(out / "captioner_tower").state_dict()
+    tower = load_tower(out / "captioner_tower").state_dict()
     captioner = Blip2ForConditionalGeneration.from_pretrained(str(out / "captioner")).vision_model.state_dict()
     assert all(torch.equal(captioner[k], v) for k, v in tower.items())
     key = "embeddings.patch_embedding.weight"

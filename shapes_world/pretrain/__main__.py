@@ -107,10 +107,8 @@ def main(argv: list[str] | None = None) -> None:
 
     t_build = time.time()
     rest = set(only)
-    groups = [set(g) & only for g in PARALLEL_GROUPS] if a.jobs > 1 else []
-    groups = [g for g in groups if g and not (g == {"reader"} and a.reader_tower == "itm")]
-    if a.reader_tower == "itm":  # that reader reads the ITM's tower: it waits for the ITM
-        groups = [g - {"reader"} for g in groups]
+    waits = {"reader"} if a.reader_tower == "itm" else set()  # that reader reads the ITM's tower: it waits for the ITM
+    groups = [g for g in (set(g) & only - waits for g in PARALLEL_GROUPS) if g] if a.jobs > 1 else []
     if len(groups) > 1:
         import concurrent.futures
         import multiprocessing

@@ -67,8 +67,9 @@ CAPTIONER_TOWER = "vision"
 MODELS = ("reward_clip", "eval_clip", "vision", "reward_itm", "captioner", "reader")
 # With ``--jobs 2`` these groups train side by side, each in its own process with its share of the
 # threads (neither needs the other's models); the captioner, which starts from the ITM's Q-Former
-# and reads the reader's tower, follows with all of them. On 2 cores a tower step takes 1.75 times
-# as long on one thread as on two, so two stages at once finish sooner than one after the other.
+# and reads the reader's tower, follows with all of them. On 2 cores a CLIP, tower or ITM step takes
+# only 1.2-1.5 times as long on one thread as on two, so two stages at once finish sooner than one
+# after the other.
 PARALLEL_GROUPS = (("vision", "reward_itm"), ("reward_clip", "eval_clip", "reader"))
 SEEDS = {"reward_clip": 11, "eval_clip": 22, "vision": 55, "itm": 33, "captioner": 44, "reader": 66}
 
@@ -172,7 +173,7 @@ def build(a: argparse.Namespace, steps: dict, only: set[str], root: Path, out: P
         timings["reward_itm"] = time.time() - t0
         print("reward_itm", metrics["reward_itm"], flush=True)
 
-    from shapes_world.reader import CellReader
+    from shapes_world.reader import CellReader, load_tower, save_tower
 
     if "reader" in only:
         import copy
@@ -189,7 +190,7 @@ def build(a: argparse.Namespace, steps: dict, only: set[str], root: Path, out: P
                                   for_qformer=for_qformer)
             if steps["reader_tune"]:
                 if for_qformer:  # the captioner's tower: the one trained for a Q-Former, before tuning
-                    save_vision(reader.tower, out / CAPTIONER_TOWER_DIR)
+                    save_tower(reader.tower, out / CAPTIONER_TOWER_DIR)
                 reader = tune_reader(reader, train.images, train.scenes, steps=steps["reader_tune"], seed=SEEDS["reader"])
         else:  # a copy of the ITM's (stage-0) tower: the reward ITM and the captioner are built on it
             reader = fit_reader(copy.deepcopy(itm.vision_model), train.images[:READER_SCENES],
@@ -214,7 +215,7 @@ def build(a: argparse.Namespace, steps: dict, only: set[str], root: Path, out: P
                     raise FileNotFoundError(f"{out / 'reader'} was tuned for reading, and the tower it had before, the "
                                             f"captioner's, is not in {out / CAPTIONER_TOWER_DIR}: rebuild with "
                                             f"--only reader,captioner")
-                tower = load_vision(out / CAPTIONER_TOWER_DIR)
+                tower = load_tower(out / CAPTIONER_TOWER_DIR)
         captioner = train_captioner(train, tokenizer, tower, itm, seed=SEEDS["captioner"], lm_steps=steps["lm"],
                                     steps=steps["captioner"], cell_loss_weight=a.captioner_cell_loss)
         save_blip2(captioner, tokenizer, out / "captioner")
@@ -224,14 +225,3 @@ def build(a: argparse.Namespace, steps: dict, only: set[str], root: Path, out: P
 
 # The captioner's tower when the reader's was tuned after it (``reader_tune``).
 CAPTIONER_TOWER_DIR = "captioner_tower"
-
-
-def save_vision(tower, path: Path) -> None:
-    """A ``Blip2VisionModel`` in float16 safetensors, as the reader stores its own."""
-    tower.save_pretrained(path, state_dict={k: v.half() for k, v in tower.state_dict().items()}, safe_serialization=True)
-
-
-def load_vision(path: Path):
-    from transformers import Blip2VisionModel
-
-    return Blip2VisionModel.from_pretrained(str(path), dtype=torch.float32).eval()
